@@ -1,0 +1,29 @@
+"""Test setup: 4 host CPU devices and strict JAX rank promotion, before any test imports jax.
+
+XLA_FLAGS must be set before jax is imported, so it is done here, at collection time.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import sys
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from helpers import SHARED_DATASETS  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def shared_datasets() -> pathlib.Path:
+  """../shared/datasets (real MNIST / Fashion-MNIST IDX files); skips where it is absent."""
+  if not (SHARED_DATASETS / "mnist").is_dir():
+    pytest.skip(f"real datasets not found at {SHARED_DATASETS}")
+  return SHARED_DATASETS
