@@ -27,3 +27,13 @@ def shared_datasets() -> pathlib.Path:
   if not (SHARED_DATASETS / "mnist").is_dir():
     pytest.skip(f"real datasets not found at {SHARED_DATASETS}")
   return SHARED_DATASETS
+
+
+def pytest_collection_modifyitems(config, items):
+  """Tests marked `slow` run only with JAXCNN_SLOW_TESTS=1 (the default run stays under ~10 min)."""
+  if os.environ.get("JAXCNN_SLOW_TESTS") == "1":
+    return
+  skip = pytest.mark.skip(reason="slow test: set JAXCNN_SLOW_TESTS=1 to run it")
+  for item in items:
+    if "slow" in item.keywords:
+      item.add_marker(skip)
