@@ -1,0 +1,1 @@
+"""Runnable, config-driven recipes: `python -m experiments.<name> [--config.key=value]`."""
