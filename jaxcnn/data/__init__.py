@@ -1,1 +1,15 @@
-"""(being written)"""
+"""Datasets and input pipelines: offline-first resolution, device-resident and streaming pipelines.
+
+`from_arrays` wraps in-memory arrays; `make_pipeline` resolves a named dataset (raw IDX dir -> the
+project's own tfds builder -> tfds catalog) or an image folder. Augmentation runs on device.
+"""
+from __future__ import annotations
+
+from jaxcnn.data.augment import AugmentConfig, augment_batch, compute_stats
+from jaxcnn.data.pipeline import (ArraySource, InputPipeline, ResidentPipeline, StreamingPipeline,
+                                  from_arrays)
+
+__all__ = [
+    "AugmentConfig", "augment_batch", "compute_stats",
+    "ArraySource", "InputPipeline", "ResidentPipeline", "StreamingPipeline", "from_arrays",
+]
