@@ -108,3 +108,51 @@ def check_window_fits(spatial, window, pads, dilation, name: str):
       raise ValueError(
           f"{name} {tuple(window)} (effective {effective} along spatial dim {axis}) is larger than the "
           f"padded input ({s} + {p[0]} + {p[1]} = {s + p[0] + p[1]})")
+
+
+def parse_conv_args(x, w, b, strides: PairOrInt, padding: Padding, dilation: PairOrInt, groups: int,
+                    n: int, layout: str, kernel_layout: str):
+  """Validates a convolution's arguments; returns (strides, pads, dilation) as static tuples.
+
+  Args:
+    x: input, rank n + 2 (`layout`, channels last).
+    w: kernel, rank n + 2 (`kernel_layout`: spatial..., C_in / groups, C_out).
+    b: bias of shape (C_out,), or None.
+    strides: int or n ints, each >= 1.
+    padding: "valid" | "same" | int | n (lo, hi) pairs (see `resolve_padding`).
+    dilation: int or n ints, each >= 1.
+    groups: int >= 1 dividing both C_in and C_out.
+    n: number of spatial dims.
+    layout: names x's dims for messages, e.g. "(N, H, W, C)".
+    kernel_layout: names w's dims for messages, e.g. "(kh, kw, C_in/groups, C_out)".
+
+  Raises:
+    ValueError naming the argument: wrong rank, non-float dtype, bad groups, channel or bias mismatch,
+    negative padding, kernel larger than the padded input.
+  """
+  check_rank(x, n + 2, "x", layout)
+  check_rank(w, n + 2, "w", kernel_layout)
+  check_floating(x, "x")
+  check_floating(w, "w")
+  if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+    raise ValueError(f"groups must be a positive int, got {groups!r}")
+  x_shape, w_shape = tuple(jnp.shape(x)), tuple(jnp.shape(w))
+  c_in, c_per_group, c_out = x_shape[-1], w_shape[-2], w_shape[-1]
+  if c_in % groups:
+    raise ValueError(f"groups={groups} must divide the input channels of x (shape {x_shape})")
+  if c_out % groups:
+    raise ValueError(f"groups={groups} must divide the output channels of w (shape {w_shape})")
+  if c_per_group * groups != c_in:
+    raise ValueError(
+        f"channel mismatch: x has {c_in} channels (shape {x_shape}) but w (shape {w_shape}) expects "
+        f"C_in/groups * groups = {c_per_group} * {groups} = {c_per_group * groups}")
+  if b is not None:
+    check_floating(b, "b")
+    if tuple(jnp.shape(b)) != (c_out,):
+      raise ValueError(f"b must have shape ({c_out},) to match w's output channels, got {tuple(jnp.shape(b))}")
+  strides = normalize_tuple(strides, n, "strides")
+  dilation = normalize_tuple(dilation, n, "dilation")
+  spatial, window = x_shape[1:-1], w_shape[:-2]
+  pads = resolve_padding(padding, spatial, window, strides, dilation)
+  check_window_fits(spatial, window, pads, dilation, "kernel of w")
+  return strides, pads, dilation
