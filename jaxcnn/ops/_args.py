@@ -110,6 +110,27 @@ def check_window_fits(spatial, window, pads, dilation, name: str):
           f"padded input ({s} + {p[0]} + {p[1]} = {s + p[0] + p[1]})")
 
 
+def parse_pool_args(x, pool_size: PairOrInt, strides: PairOrInt | None, padding: Padding, n: int,
+                    layout: str):
+  """Checks a pooling call and returns (window, strides, ((lo, hi), ...)) for its `n` spatial dims.
+
+  `strides=None` means strides = pool_size (Keras and PyTorch). Every padding side must be smaller than
+  the window, so that every window holds at least one real cell (PyTorch asks for at most half).
+  """
+  check_rank(x, n + 2, "x", layout)
+  check_floating(x, "x")
+  window = normalize_tuple(pool_size, n, "pool_size")
+  stride = window if strides is None else normalize_tuple(strides, n, "strides")
+  spatial = tuple(jnp.shape(x)[1:-1])
+  pads = resolve_padding(padding, spatial, window, stride)
+  for axis, (k, (lo, hi)) in enumerate(zip(window, pads)):
+    if max(lo, hi) >= k:
+      raise ValueError(f"padding {padding!r} must be smaller than pool_size {window} on every side "
+                       f"(spatial dim {axis} pads ({lo}, {hi}) for a window of {k})")
+  check_window_fits(spatial, window, pads, (1,) * n, "pool_size")
+  return window, stride, pads
+
+
 def parse_conv_args(x, w, b, strides: PairOrInt, padding: Padding, dilation: PairOrInt, groups: int,
                     n: int, layout: str, kernel_layout: str):
   """Validates a convolution's arguments; returns (strides, pads, dilation) as static tuples.
