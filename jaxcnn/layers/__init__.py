@@ -1,1 +1,21 @@
-"""(being written)"""
+"""Flax linen layers over `jaxcnn.ops`, with Keras names and defaults, plus `Sequential`.
+
+Every layer's `__call__(x, train: bool = False)` accepts `train` (layers that ignore it too), so a
+`Sequential` passes it to all of them. NHWC activations, HWIO kernels; batch statistics live in the
+`batch_stats` collection; `Dropout` draws from the `dropout` rng stream.
+"""
+from jaxcnn.layers.activations import ACTIVATIONS, Activation, resolve_activation
+from jaxcnn.layers.conv import Conv1D, Conv2D
+from jaxcnn.layers.core import Dense, Dropout, Flatten
+from jaxcnn.layers.normalization import BatchNorm, LocalResponseNorm
+from jaxcnn.layers.pooling import (AvgPool1D, AvgPool2D, GlobalAvgPool1D, GlobalAvgPool2D, GlobalMaxPool1D,
+                                   GlobalMaxPool2D, MaxPool1D, MaxPool2D)
+from jaxcnn.layers.reshaping import UpSampling2D, ZeroPadding2D
+from jaxcnn.layers.sequential import Sequential
+
+__all__ = [
+    "ACTIVATIONS", "Activation", "AvgPool1D", "AvgPool2D", "BatchNorm", "Conv1D", "Conv2D", "Dense",
+    "Dropout", "Flatten", "GlobalAvgPool1D", "GlobalAvgPool2D", "GlobalMaxPool1D", "GlobalMaxPool2D",
+    "LocalResponseNorm", "MaxPool1D", "MaxPool2D", "Sequential", "UpSampling2D", "ZeroPadding2D",
+    "resolve_activation",
+]
