@@ -1,2 +1,97 @@
-"""(being written)"""
-__all__: list[str] = []
+"""Reference dropout, upsampling and zero padding, written from explicit masks, indices and weights.
+
+Argument checks are shared with `jaxcnn.ops.misc` (same errors); the arithmetic is independent.
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcnn.ops.misc import _check_dropout_args, _dropout_mask, _parse_upsample_args, _parse_zero_pad_args
+
+__all__ = ["dropout", "upsample2d", "zero_pad2d"]
+
+
+def dropout(x, rate: float, *, rng=None, deterministic: bool = False):
+  """Reference inverted dropout: x * mask / (1 - rate), mask = bernoulli(rng, 1 - rate, x.shape).
+
+  The mask derivation is the fast op's (same rng -> same mask), so the two agree exactly up to
+  rounding of the scale.
+
+  Args:
+    x: floating array of any shape.
+    rate: drop probability in [0, 1).
+    rng: a `jax.random` key; required unless rate == 0 or deterministic. Default None.
+    deterministic: identity when True; default False.
+
+  Returns:
+    Array of x's shape and dtype.
+  """
+  if _check_dropout_args(x, rate, rng, deterministic):
+    return jnp.asarray(x)
+  x = jnp.asarray(x)
+  mask = _dropout_mask(rng, rate, x.shape).astype(jnp.float32)
+  return (x.astype(jnp.float32) * mask / (1.0 - rate)).astype(x.dtype)
+
+
+def _nearest_indices(out: int, scale: int):
+  return np.arange(out) // scale
+
+
+def _bilinear_taps(size: int, scale: int):
+  """For each output index: (lower source index, upper source index, weight of the upper one).
+
+  Source coordinate (o + 0.5) / scale - 0.5, clamped to [0, size - 1] (half-pixel centres, edges held).
+  """
+  coord = np.clip((np.arange(size * scale) + 0.5) / scale - 0.5, 0.0, size - 1.0)
+  lower = np.floor(coord).astype(np.int32)
+  upper = np.minimum(lower + 1, size - 1)
+  return lower, upper, (coord - lower).astype(np.float32)
+
+
+def upsample2d(x, size=2, *, method: str = "nearest"):
+  """Reference upsampling; same arguments and result as `jaxcnn.ops.upsample2d`.
+
+  "nearest": output (i, j) reads x[i // size_h, j // size_w]. "bilinear": each output pixel reads its
+  four source neighbours at the clamped half-pixel coordinates and weights them (1 - a)(1 - b),
+  (1 - a) b, a (1 - b), a b.
+
+  Args:
+    x: (N, H, W, C) floating array.
+    size: an int or (size_h, size_w); default 2.
+    method: "nearest" (default) or "bilinear".
+
+  Returns:
+    (N, H * size_h, W * size_w, C) array of x's dtype.
+  """
+  sh, sw = _parse_upsample_args(x, size, method)
+  x = jnp.asarray(x)
+  _, h, w, _ = x.shape
+  if method == "nearest":
+    rows, cols = _nearest_indices(h * sh, sh), _nearest_indices(w * sw, sw)
+    return x[:, rows[:, None], cols[None, :], :]
+  r0, r1, a = _bilinear_taps(h, sh)
+  c0, c1, b = _bilinear_taps(w, sw)
+  xf = x.astype(jnp.float32)
+  a = a[None, :, None, None]  # (1, Ho, 1, 1): broadcast over batch, output columns and channels
+  b = b[None, None, :, None]  # (1, 1, Wo, 1)
+  top = (1 - b) * xf[:, r0[:, None], c0[None, :], :] + b * xf[:, r0[:, None], c1[None, :], :]
+  bottom = (1 - b) * xf[:, r1[:, None], c0[None, :], :] + b * xf[:, r1[:, None], c1[None, :], :]
+  return ((1 - a) * top + a * bottom).astype(x.dtype)
+
+
+def zero_pad2d(x, padding):
+  """Reference zero padding: x written into a zeros array at offset (top, left).
+
+  Args:
+    x: (N, H, W, C) array.
+    padding: an int, (ph, pw) or ((top, bottom), (left, right)); non-negative.
+
+  Returns:
+    (N, H + top + bottom, W + left + right, C) array of x's dtype.
+  """
+  (top, bottom), (left, right) = _parse_zero_pad_args(x, padding)
+  x = jnp.asarray(x)
+  n, h, w, c = x.shape
+  out = jnp.zeros((n, h + top + bottom, w + left + right, c), x.dtype)
+  return out.at[:, top:top + h, left:left + w, :].set(x)
