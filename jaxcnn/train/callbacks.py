@@ -1,0 +1,191 @@
+"""Callbacks for `fit`: early stopping, CSV/JSON logs, TensorBoard events, and progress reporting.
+
+A callback sees the end of every epoch with that epoch's metrics (`logs`, e.g. {"loss", "accuracy",
+"val_loss", "val_accuracy", "lr"}) and may ask the loop to stop (`stop_training = True`). Callbacks run
+on every process; the file writers write only from process 0.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import pathlib
+import sys
+
+import jax
+import numpy as np
+
+
+class Callback:
+  """Base class: override the hooks you need. `stop_training = True` ends fit after this epoch."""
+
+  stop_training: bool = False
+
+  def on_train_begin(self, history: dict) -> None:
+    """Called once before the first epoch with the history so far (non-empty on resume)."""
+
+  def on_epoch_end(self, epoch: int, logs: dict, state) -> None:
+    """Called after epoch `epoch` (0-based) with its metrics and the (placed) train state."""
+
+  def on_train_end(self, state):
+    """Called once at the end; may return a replacement state (e.g. the best weights), else None."""
+    return None
+
+
+class EarlyStopping(Callback):
+  """Stops when `monitor` has not improved by more than `min_delta` for `patience` epochs.
+
+  Args:
+    monitor: the metric watched (default "val_loss").
+    patience: epochs without improvement tolerated (default 0: stop at the first).
+    min_delta: the smallest change that counts as an improvement (default 0).
+    mode: "min", "max" or "auto" (default: max for accuracies, min otherwise).
+    restore_best: at the end, return the state (params, batch_stats) of the best epoch (default False).
+  """
+
+  def __init__(self, monitor: str = "val_loss", patience: int = 0, min_delta: float = 0.0, mode: str = "auto",
+               restore_best: bool = False):
+    if not isinstance(patience, int) or patience < 0:
+      raise ValueError(f"EarlyStopping: patience={patience!r} must be an integer >= 0")
+    if not (isinstance(min_delta, (int, float)) and min_delta >= 0):
+      raise ValueError(f"EarlyStopping: min_delta={min_delta!r} must be a number >= 0")
+    if mode not in ("auto", "min", "max"):
+      raise ValueError(f"EarlyStopping: mode={mode!r} must be 'auto', 'min' or 'max'")
+    self.monitor, self.patience, self.min_delta, self.restore_best = monitor, patience, float(min_delta), restore_best
+    self.mode = mode if mode != "auto" else ("max" if "acc" in monitor else "min")
+    self.best, self.best_epoch, self.wait, self.stop_training = None, None, 0, False
+    self._best_weights = None
+
+  def _improved(self, value: float) -> bool:
+    if self.best is None:
+      return True
+    return value < self.best - self.min_delta if self.mode == "min" else value > self.best + self.min_delta
+
+  def on_train_begin(self, history: dict) -> None:
+    for epoch, value in enumerate(history.get(self.monitor, [])):
+      self._observe(epoch, value, None)
+
+  def _observe(self, epoch: int, value: float, state) -> None:
+    if self._improved(value):
+      self.best, self.best_epoch, self.wait = value, epoch, 0
+      if self.restore_best and state is not None:
+        # A host copy: the device state is donated to the next step.
+        self._best_weights = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+    else:
+      self.wait += 1
+      if self.wait > self.patience:
+        self.stop_training = True
+
+  def on_epoch_end(self, epoch: int, logs: dict, state) -> None:
+    if self.monitor not in logs:
+      raise ValueError(f"EarlyStopping: monitor={self.monitor!r} is not among the epoch metrics "
+                       f"{', '.join(sorted(logs))}")
+    value = float(logs[self.monitor])
+    if not math.isfinite(value):
+      self.stop_training = True
+      return
+    self._observe(epoch, value, state)
+
+  def on_train_end(self, state):
+    if not self.restore_best or self._best_weights is None:
+      return None
+    # The best weights placed like the current ones (shardings/replicas preserved).
+    place = lambda new, old: jax.device_put(np.asarray(new), old.sharding)  # noqa: E731
+    return state.replace(params=jax.tree.map(place, self._best_weights["params"], state.params),
+                         batch_stats=jax.tree.map(place, self._best_weights["batch_stats"], state.batch_stats))
+
+
+class _FileLogger(Callback):
+  def __init__(self, path):
+    self.path = pathlib.Path(path)
+    self.history: dict = {}
+
+  def on_train_begin(self, history: dict) -> None:
+    self.history = history
+
+  def on_epoch_end(self, epoch: int, logs: dict, state) -> None:
+    if jax.process_index() != 0:
+      return
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = self.path.with_name(self.path.name + ".tmp")
+    self._write(tmp)
+    tmp.replace(self.path)  # whole or absent, even if the run is killed while writing
+
+
+class CSVLogger(_FileLogger):
+  """Rewrites `path` after every epoch: a header, then one row per epoch of the whole history."""
+
+  def _write(self, path: pathlib.Path) -> None:
+    keys = list(self.history)
+    with open(path, "w", newline="") as f:
+      writer = csv.writer(f)
+      writer.writerow(keys)
+      for row in zip(*(self.history[k] for k in keys)):
+        writer.writerow(row)
+
+
+class JSONLogger(_FileLogger):
+  """Rewrites `path` after every epoch with the whole history: {metric: [per-epoch values]}."""
+
+  def _write(self, path: pathlib.Path) -> None:
+    path.write_text(json.dumps(self.history, indent=1))
+
+
+class TensorBoard(Callback):
+  """Writes every epoch metric as a TensorBoard scalar (tensorboardX) under `logdir`, x-axis = epoch."""
+
+  def __init__(self, logdir):
+    self.logdir = pathlib.Path(logdir)
+    self._writer = None
+
+  def on_epoch_end(self, epoch: int, logs: dict, state) -> None:
+    if jax.process_index() != 0:
+      return
+    if self._writer is None:
+      from tensorboardX import SummaryWriter  # imported on first use: tensorboardX is slow to import
+      self._writer = SummaryWriter(str(self.logdir))
+    for key, value in logs.items():
+      self._writer.add_scalar(key, float(value), epoch + 1)
+    self._writer.flush()
+
+  def on_train_end(self, state):
+    if self._writer is not None:
+      self._writer.close()
+      self._writer = None
+    return None
+
+
+class Progress:
+  """Progress of the steps: a tqdm bar on a terminal, else one log line per report; process 0 only.
+
+  Args:
+    mode: "auto" (bar when stderr is a TTY, else log lines), "bar", "log" or "none".
+    total_steps: steps of the whole run.
+  """
+
+  def __init__(self, mode: str, total_steps: int, initial_step: int = 0):
+    if jax.process_index() != 0:
+      mode = "none"
+    if mode == "auto":
+      mode = "bar" if sys.stderr.isatty() else "log"
+    self.mode, self.total = mode, total_steps
+    self._bar = None
+    if mode == "bar":
+      from tqdm import tqdm
+      self._bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True)
+    self._last = initial_step
+
+  def report(self, step: int, epoch: int, epochs: int, metrics: dict) -> None:
+    """Shows `metrics` at global `step` of epoch `epoch` (0-based) of `epochs`."""
+    text = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+    if self._bar is not None:
+      self._bar.update(step - self._last)
+      self._bar.set_postfix_str(f"epoch {epoch + 1}/{epochs} {text}")
+    elif self.mode == "log":
+      logging.info("step %d/%d epoch %d/%d %s", step, self.total, epoch + 1, epochs, text)
+    self._last = step
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()

@@ -1,0 +1,142 @@
+"""The training configuration: every key `fit` reads, its default, and up-front validation.
+
+`validate_config(config)` fills defaults and checks every value before anything is compiled, so a
+typo or a bad value fails in a second with a ConfigError naming the key, not an hour into training.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import ml_collections
+
+from jaxcnn.errors import ConfigError
+from jaxcnn.train.losses import LOSSES
+
+OPTIMIZERS = ("adam", "sgd", "rmsprop", "adadelta")
+SCHEDULES = ("constant", "cosine", "warmup_cosine", "exponential", "piecewise")
+PARALLEL = ("auto", "jit", "pmap", "none")
+
+# Every key fit understands, with its default. None means "not set" where the key says so.
+DEFAULTS: dict[str, Any] = dict(
+    epochs=1,                       # passes over the training data
+    batch_size=None,                # global batch; None: the pipeline's (must agree when both are set)
+    validation_split=0.0,           # fraction held out when train_data is an (images, labels) tuple
+    shuffle=True,                   # shuffle (images, labels) tuples each epoch
+    loss="softmax_cross_entropy",   # one of LOSSES
+    target="label",                 # batch key the loss compares outputs with ("image": autoencoders)
+    optimizer="adam",               # one of OPTIMIZERS
+    learning_rate=1e-3,             # peak learning rate of the schedule
+    schedule="constant",            # one of SCHEDULES
+    warmup_steps=0,                 # warmup_cosine: linear warmup length in steps
+    decay_steps=None,               # cosine/exponential: steps to decay over; None: the whole run
+    decay_rate=0.1,                 # exponential: factor applied over decay_steps
+    boundaries=(),                  # piecewise: steps where the rate is multiplied by `scales`
+    scales=(),                      # piecewise: one factor per boundary
+    momentum=0.0,                   # sgd and rmsprop momentum
+    nesterov=False,                 # sgd: Nesterov momentum
+    rho=0.9,                        # rmsprop decay / adadelta rho
+    weight_decay=0.0,               # adam: decoupled (AdamW); others: L2 added to the gradient
+    clip_norm=0.0,                  # global-norm gradient clipping; 0 disables
+    freeze=(),                      # regexes over '/'-joined parameter paths that are not trained
+    seed=0,                         # parameter init and dropout keys
+    log_every=50,                   # steps between host syncs (progress, NaN check)
+    checkpoint_every_steps=0,       # 0: checkpoint at epoch ends only (and at the end)
+    keep_checkpoints=3,             # latest checkpoints kept
+    best_metric=None,               # e.g. "val_accuracy": also keep the best checkpoint by it
+    best_mode="auto",               # "max" | "min" | "auto" (max for accuracy, min otherwise)
+    parallel="auto",                # one of PARALLEL; auto = jit over every device
+    async_checkpointing=True,       # write checkpoints in the background between saves
+    progress="auto",                # "auto" (bar on a TTY, log lines otherwise) | "bar" | "log" | "none"
+    distributed_init_timeout_s=60,  # multi-process: how long to wait for the peers to connect
+    heartbeat_timeout_s=10,         # multi-process: how soon a dead peer is noticed
+)
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+  return (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and math.isfinite(float(value)))
+
+
+def validate_config(config: Mapping[str, Any] | ml_collections.ConfigDict | None) -> ml_collections.ConfigDict:
+  """Defaults filled in and every value checked.
+
+  Args:
+    config: a dict or ConfigDict with any subset of DEFAULTS' keys; None: all defaults.
+
+  Returns:
+    A new ConfigDict with every key of DEFAULTS.
+
+  Raises:
+    ConfigError: unknown keys (all listed) or bad values (all listed, each naming the key).
+  """
+  given = dict(config.to_dict() if isinstance(config, ml_collections.ConfigDict) else (config or {}))
+  unknown = sorted(set(given) - set(DEFAULTS))
+  if unknown:
+    raise ConfigError(f"config: unknown keys {', '.join(unknown)}; known keys: {', '.join(sorted(DEFAULTS))}")
+  c = {**DEFAULTS, **given}
+  problems = []
+
+  def check(ok: bool, key: str, expected: str):
+    if not ok:
+      problems.append(f"{key}={c[key]!r} ({expected})")
+
+  check(_is_int(c["epochs"]) and c["epochs"] >= 1, "epochs", "expected an integer >= 1")
+  check(c["batch_size"] is None or (_is_int(c["batch_size"]) and c["batch_size"] >= 1), "batch_size",
+        "expected a positive integer or None")
+  check(_is_number(c["validation_split"]) and 0.0 <= c["validation_split"] < 1.0, "validation_split",
+        "expected a fraction in [0, 1)")
+  check(isinstance(c["shuffle"], bool), "shuffle", "expected True or False")
+  check(c["loss"] in LOSSES, "loss", f"expected one of {', '.join(LOSSES)}")
+  check(isinstance(c["target"], str) and bool(c["target"]), "target", "expected a batch key such as 'label'")
+  check(c["optimizer"] in OPTIMIZERS, "optimizer", f"expected one of {', '.join(OPTIMIZERS)}")
+  check(_is_number(c["learning_rate"]) and c["learning_rate"] > 0, "learning_rate", "expected a positive number")
+  check(c["schedule"] in SCHEDULES, "schedule", f"expected one of {', '.join(SCHEDULES)}")
+  check(_is_int(c["warmup_steps"]) and c["warmup_steps"] >= 0, "warmup_steps", "expected an integer >= 0")
+  check(c["decay_steps"] is None or (_is_int(c["decay_steps"]) and c["decay_steps"] >= 1), "decay_steps",
+        "expected a positive integer or None")
+  check(_is_number(c["decay_rate"]) and c["decay_rate"] > 0, "decay_rate", "expected a positive number")
+  bounds, scales = tuple(c["boundaries"] or ()), tuple(c["scales"] or ())
+  check(all(_is_int(b) and b > 0 for b in bounds) and list(bounds) == sorted(set(bounds)), "boundaries",
+        "expected increasing positive integers")
+  check(len(scales) == len(bounds) and all(_is_number(s) and s > 0 for s in scales), "scales",
+        "expected one positive number per boundary")
+  check(_is_number(c["momentum"]) and 0.0 <= c["momentum"] < 1.0, "momentum", "expected a number in [0, 1)")
+  check(isinstance(c["nesterov"], bool), "nesterov", "expected True or False")
+  check(_is_number(c["rho"]) and 0.0 < c["rho"] < 1.0, "rho", "expected a number in (0, 1)")
+  check(_is_number(c["weight_decay"]) and c["weight_decay"] >= 0, "weight_decay", "expected a number >= 0")
+  check(_is_number(c["clip_norm"]) and c["clip_norm"] >= 0, "clip_norm", "expected a number >= 0 (0 disables)")
+  freeze = c["freeze"]
+  freeze = (freeze,) if isinstance(freeze, str) else tuple(freeze or ())
+  check(all(isinstance(p, str) and p for p in freeze), "freeze", "expected regex strings")
+  check(_is_int(c["seed"]) and c["seed"] >= 0, "seed", "expected an integer >= 0")
+  check(_is_int(c["log_every"]) and c["log_every"] >= 1, "log_every", "expected an integer >= 1")
+  check(_is_int(c["checkpoint_every_steps"]) and c["checkpoint_every_steps"] >= 0, "checkpoint_every_steps",
+        "expected an integer >= 0 (0: epoch ends only)")
+  check(_is_int(c["keep_checkpoints"]) and c["keep_checkpoints"] >= 1, "keep_checkpoints",
+        "expected an integer >= 1")
+  check(c["best_metric"] is None or (isinstance(c["best_metric"], str) and bool(c["best_metric"])),
+        "best_metric", "expected a metric name such as 'val_accuracy' or None")
+  check(c["best_mode"] in ("auto", "max", "min"), "best_mode", "expected 'auto', 'max' or 'min'")
+  check(c["parallel"] in PARALLEL, "parallel", f"expected one of {', '.join(PARALLEL)}")
+  check(isinstance(c["async_checkpointing"], bool), "async_checkpointing", "expected True or False")
+  check(c["progress"] in ("auto", "bar", "log", "none"), "progress", "expected 'auto', 'bar', 'log' or 'none'")
+  check(_is_int(c["distributed_init_timeout_s"]) and c["distributed_init_timeout_s"] >= 1,
+        "distributed_init_timeout_s", "expected an integer >= 1")
+  check(_is_int(c["heartbeat_timeout_s"]) and c["heartbeat_timeout_s"] >= 1, "heartbeat_timeout_s",
+        "expected an integer >= 1")
+  if problems:
+    raise ConfigError("config: bad values: " + "; ".join(problems))
+  c["boundaries"], c["scales"], c["freeze"] = bounds, scales, freeze
+  return ml_collections.ConfigDict(c)
+
+
+def best_mode(config: ml_collections.ConfigDict) -> str:
+  """'max' or 'min' for config.best_metric ('auto': max for accuracies, min for losses)."""
+  if config.best_mode != "auto":
+    return config.best_mode
+  return "max" if "acc" in (config.best_metric or "") else "min"
