@@ -6,10 +6,14 @@ project's own tfds builder -> tfds catalog) or an image folder. Augmentation run
 from __future__ import annotations
 
 from jaxcnn.data.augment import AugmentConfig, augment_batch, compute_stats
+from jaxcnn.data.folder import ImageFolder, image_folder
 from jaxcnn.data.pipeline import (ArraySource, InputPipeline, ResidentPipeline, StreamingPipeline,
                                   from_arrays)
+from jaxcnn.data.resolve import Resolved, load_arrays, make_pipeline, resolve, split_validation
 
 __all__ = [
     "AugmentConfig", "augment_batch", "compute_stats",
     "ArraySource", "InputPipeline", "ResidentPipeline", "StreamingPipeline", "from_arrays",
+    "ImageFolder", "image_folder",
+    "Resolved", "load_arrays", "make_pipeline", "resolve", "split_validation",
 ]
