@@ -33,9 +33,11 @@ class AugmentConfig:
     height_shift_range: vertical shift, a fraction of the height, likewise. Default 0.0.
     horizontal_flip: flip left-right with probability 1/2. Default False.
     vertical_flip: flip up-down with probability 1/2. Default False.
-    rotation_range: rotation in degrees drawn uniformly from [-r, r]. Default 0.0.
-    zoom_range: zoom factors for each axis drawn uniformly from [1-z, 1+z] (z > 1 zooms out by that
-      factor); a pair (lo, hi) gives the range directly. Default 0.0.
+    rotation_range: rotation in degrees drawn uniformly from [-r, r] (positive: counter-clockwise).
+      Default 0.0.
+    zoom_range: zoom factors for each axis drawn uniformly from [1-z, 1+z]; as in ImageDataGenerator a
+      factor > 1 samples a wider area (content shrinks), < 1 magnifies; a pair (lo, hi) gives the range
+      directly. Default 0.0.
     fill_mode: "nearest" (repeat the edge pixel) or "constant" (fill with `cval`). Default "nearest".
     cval: fill value for fill_mode="constant", in the units of the images passed in. Default 0.0.
   """
@@ -152,12 +154,14 @@ def _resample(image, angle, shift, zoom, *, order: int, mode: str, cval: float):
   centre = jnp.array([(height - 1) / 2.0, (width - 1) / 2.0], jnp.float32)
   rows, cols = jnp.meshgrid(jnp.arange(height, dtype=jnp.float32), jnp.arange(width, dtype=jnp.float32),
                             indexing="ij")
-  # Inverse map: output q came from input p = c + Z^-1 R^-1 (q - c - t).
+  # Output pixel q samples input p = c + Z R (q - c - t), as ImageDataGenerator's affine map does: a
+  # positive angle turns the content counter-clockwise, a zoom factor > 1 samples a wider area (the
+  # content shrinks), and the shift t moves the content by +t pixels.
   q = jnp.stack([rows, cols]) - (centre + shift)[:, None, None]
   cos, sin = jnp.cos(angle), jnp.sin(angle)
-  p_rows = cos * q[0] - sin * q[1]
-  p_cols = sin * q[0] + cos * q[1]
-  coords = [p_rows / zoom[0] + centre[0], p_cols / zoom[1] + centre[1]]
+  p_rows = cos * q[0] + sin * q[1]
+  p_cols = -sin * q[0] + cos * q[1]
+  coords = [p_rows * zoom[0] + centre[0], p_cols * zoom[1] + centre[1]]
 
   def channel(plane):
     return jax.scipy.ndimage.map_coordinates(plane, coords, order=order, mode=mode, cval=cval)
@@ -196,9 +200,9 @@ def standardize(images, config: AugmentConfig, stats: Mapping | None = None):
     raise ValueError("standardize: stats (per-channel mean/std of the training split) are required for "
                      "featurewise_center / featurewise_std_normalization")
   if config.featurewise_center:
-    images = images - jnp.asarray(stats["mean"], jnp.float32)
+    images = images - jnp.asarray(stats["mean"], jnp.float32).reshape(1, 1, 1, -1)
   if config.featurewise_std_normalization:
-    images = images / (jnp.asarray(stats["std"], jnp.float32) + _EPSILON)
+    images = images / (jnp.asarray(stats["std"], jnp.float32).reshape(1, 1, 1, -1) + _EPSILON)
   return images
 
 
