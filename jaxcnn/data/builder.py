@@ -68,6 +68,8 @@ class JaxcnnRaw(tfds.core.GeneratorBasedBuilder):
             "label": tfds.features.Tensor(shape=(), dtype=np.int64),
         }),
         supervised_keys=("image", "label"),
+        # Keep the raw files' order, so split i is example i of the raw split (and validation slices agree).
+        disable_shuffling=True,
         metadata=tfds.core.MetadataDict(class_names=list(config.class_names), raw_dir=config.raw_dir),
     )
 
