@@ -6,6 +6,7 @@ parsing lives here once. Nothing here computes on arrays: padding is resolved to
 """
 from __future__ import annotations
 
+import numbers
 from typing import Sequence, Union
 
 import jax.numpy as jnp
@@ -26,17 +27,23 @@ def check_floating(x, name: str):
     raise ValueError(f"{name} must be a floating-point array, got dtype {jnp.result_type(x)}")
 
 
+def _is_int(value) -> bool:
+  """True for Python and NumPy integers; False for bools, floats (2.5 must not truncate to 2), strings."""
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def normalize_tuple(value: PairOrInt, n: int, name: str, *, minimum: int = 1) -> tuple[int, ...]:
   """An int or a length-`n` sequence of ints -> a length-`n` tuple, each >= `minimum`."""
-  if isinstance(value, (int,)) and not isinstance(value, bool):
+  if _is_int(value):
     out = (int(value),) * n
   else:
     try:
-      out = tuple(int(v) for v in value)
+      items = tuple(value)
     except TypeError:
       raise ValueError(f"{name} must be an int or a sequence of {n} ints, got {value!r}") from None
-    if len(out) != n or any(isinstance(v, bool) for v in value):
+    if isinstance(value, str) or len(items) != n or not all(_is_int(v) for v in items):
       raise ValueError(f"{name} must be an int or a sequence of {n} ints, got {value!r}")
+    out = tuple(int(v) for v in items)
   if any(v < minimum for v in out):
     raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
   return out
@@ -85,9 +92,11 @@ def resolve_padding(padding: Padding, spatial: Sequence[int], window: Sequence[i
       else:
         try:
           lo, hi = item
-          pairs.append((int(lo), int(hi)))
         except (TypeError, ValueError):
           raise ValueError(f"{name} entries must be ints or (lo, hi) pairs, got {padding!r}") from None
+        if not (_is_int(lo) and _is_int(hi)):
+          raise ValueError(f"{name} entries must be ints or (lo, hi) pairs, got {padding!r}")
+        pairs.append((int(lo), int(hi)))
     pairs = tuple(pairs)
   if any(v < 0 for pair in pairs for v in pair):
     raise ValueError(f"{name} must be non-negative, got {padding!r}")
