@@ -9,7 +9,7 @@ from jaxcnn.data.augment import AugmentConfig, augment_batch, compute_stats
 from jaxcnn.data.folder import ImageFolder, image_folder
 from jaxcnn.data.pipeline import (ArraySource, InputPipeline, ResidentPipeline, StreamingPipeline,
                                   from_arrays)
-from jaxcnn.data.resolve import Resolved, load_arrays, make_pipeline, resolve, split_validation
+from jaxcnn.data.datasets import Resolved, load_arrays, make_pipeline, resolve, split_validation
 
 __all__ = [
     "AugmentConfig", "augment_batch", "compute_stats",

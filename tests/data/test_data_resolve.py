@@ -1,0 +1,188 @@
+"""Dataset resolution and preparation (jaxcnn.data.resolve / builder): order, reuse, atomicity, errors."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import make_split, write_idx_dir
+
+from jaxcnn.data import (ResidentPipeline, StreamingPipeline, builder, load_arrays, make_pipeline, resolve,
+                         split_validation)
+from jaxcnn.data import datasets as resolve_module
+from jaxcnn.errors import DataError
+
+
+def test_raw_dir_is_prepared_once_then_reused(tiny_idx, tmp_path, caplog):
+  raw, splits = tiny_idx
+  tfds_dir = tmp_path / "tfds"
+  with caplog.at_level(logging.INFO, logger="jaxcnn.data"):
+    first = resolve("tiny_digits", data_dir=raw, tfds_data_dir=tfds_dir)
+  assert first.source == "raw" and first.path == raw and first.prepared_now
+  assert f"tiny_digits: resolved from raw dir {raw} (prepared tfds at {first.builder.data_dir}" in caplog.text
+  info = pathlib.Path(str(first.builder.data_dir)) / "dataset_info.json"
+  stamp = info.stat().st_mtime_ns
+  second = resolve("tiny_digits", data_dir=raw.parent, tfds_data_dir=tfds_dir)  # the parent holds tiny_digits/
+  assert not second.prepared_now and str(second.builder.data_dir) == str(first.builder.data_dir)
+  assert info.stat().st_mtime_ns == stamp
+  assert not [p for p in tfds_dir.rglob("*") if "incomplete" in p.name]
+  for split in ("train", "test"):
+    images, labels = second.read(split)
+    np.testing.assert_array_equal(images[..., 0], splits[split][0])
+    np.testing.assert_array_equal(labels, splits[split][1])
+    assert images.dtype == np.uint8 and labels.dtype == np.int32
+
+
+def test_env_data_dir_and_tfds_dir(tiny_idx, tmp_path, monkeypatch):
+  raw, splits = tiny_idx
+  monkeypatch.setenv("JAXCNN_DATA_DIR", str(raw.parent))
+  monkeypatch.setenv("JAXCNN_TFDS_DIR", str(tmp_path / "env_tfds"))
+  images, _ = load_arrays("tiny_digits", "test")
+  np.testing.assert_array_equal(images[..., 0], splits["test"][0])
+  assert (tmp_path / "env_tfds" / "jaxcnn_raw").is_dir()
+
+
+def test_changed_raw_content_is_prepared_again(tiny_idx, tmp_path):
+  raw, splits = tiny_idx
+  tfds_dir = tmp_path / "tfds"
+  resolve("tiny_digits", data_dir=raw, tfds_data_dir=tfds_dir)
+  new_test = make_split(20, 99)
+  write_idx_dir(raw, {"test": new_test})
+  again = resolve("tiny_digits", data_dir=raw, tfds_data_dir=tfds_dir)
+  assert again.prepared_now
+  np.testing.assert_array_equal(again.read("test")[0][..., 0], new_test[0])
+  description = json.loads((pathlib.Path(str(again.builder.data_dir)) / "dataset_info.json").read_text())
+  assert "content sha256" in json.dumps(description)
+
+
+def test_a_half_prepared_dataset_is_not_taken_as_prepared(tiny_idx, tmp_path, monkeypatch):
+  raw, splits = tiny_idx
+  tfds_dir = tmp_path / "tfds"
+  original = builder.JaxcnnRaw._generate_examples
+
+  def failing(self, split):
+    for i, example in enumerate(original(self, split)):
+      if split == "test" and i == 5:
+        raise RuntimeError("interrupted while writing")
+      yield example
+
+  monkeypatch.setattr(builder.JaxcnnRaw, "_generate_examples", failing)
+  with pytest.raises(RuntimeError, match="interrupted while writing"):
+    resolve("tiny_digits", data_dir=raw, tfds_data_dir=tfds_dir)
+  monkeypatch.setattr(builder.JaxcnnRaw, "_generate_examples", original)
+  assert not list(tfds_dir.rglob("dataset_info.json"))
+  resolved = resolve("tiny_digits", data_dir=raw, tfds_data_dir=tfds_dir)
+  assert resolved.prepared_now
+  np.testing.assert_array_equal(resolved.read("test")[1], splits["test"][1])
+
+
+def test_system_location_is_used_when_no_raw_dir_is_given(tmp_path, monkeypatch):
+  system = tmp_path / "usr_share_datasets"
+  splits = {"train": make_split(10, 3), "test": make_split(4, 4)}
+  write_idx_dir(system / "tiny-digits", splits)
+  monkeypatch.setattr(resolve_module, "SYSTEM_DIRS", (system,))
+  monkeypatch.delenv("JAXCNN_DATA_DIR", raising=False)
+  resolved = resolve("tiny_digits", tfds_data_dir=tmp_path / "tfds")
+  assert resolved.source == "system" and resolved.path == system / "tiny-digits"
+
+
+def test_nothing_resolves_one_message_nothing_written(tmp_path, monkeypatch):
+  monkeypatch.setattr(resolve_module, "SYSTEM_DIRS", (tmp_path / "system",))
+  empty = tmp_path / "empty"
+  (empty / "mnist").mkdir(parents=True)
+  (empty / "mnist" / "train-images-idx3-ubyte.gz").write_bytes(b"")
+  tfds_dir = tmp_path / "tfds"
+  with pytest.raises(DataError) as info:
+    resolve("mnist", data_dir=empty, tfds_data_dir=tfds_dir, download=False)
+  message = str(info.value)
+  assert "\n" not in message and info.value.exit_code == 2
+  assert message.startswith("mnist: dataset not found; looked in ")
+  for part in (f"{empty}: no IDX files", f"{empty / 'mnist'}: missing train-labels-idx1-ubyte.gz, "
+               "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz", f"{tmp_path / 'system' / 'mnist'}: absent",
+               f"tfds data dir {tfds_dir}: not prepared", "tfds download: disabled",
+               "Put train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
+               f"t10k-labels-idx1-ubyte.gz in {empty / 'mnist'}/"):
+    assert part in message
+  assert not tfds_dir.exists()
+  with pytest.raises(DataError, match=r"^tiny_digits: dataset not found; .*tfds catalog: not a catalog dataset"):
+    resolve("tiny_digits", data_dir=empty, tfds_data_dir=tfds_dir, download=False)
+  with pytest.raises(DataError, match=r"cifar10: dataset not found; .*Put data_batch_1.bin"):
+    resolve("cifar10", data_dir=empty, tfds_data_dir=tfds_dir, download=False)
+  assert not tfds_dir.exists()
+
+
+def test_validation_split_is_a_fixed_disjoint_slice_of_train():
+  train, held = split_validation(60, 0.1)
+  assert len(held) == 6 and len(train) == 54
+  assert not set(train) & set(held) and sorted(set(train) | set(held)) == list(range(60))
+  np.testing.assert_array_equal(held, split_validation(60, 0.1)[1])
+  with pytest.raises(ValueError, match=r"validation_split: expected a fraction in \[0, 1\)"):
+    split_validation(60, 1.0)
+
+
+def test_make_pipeline_splits_and_shared_training_stats(tiny_idx, tmp_path):
+  raw, splits = tiny_idx
+  kw = dict(data_dir=raw, tfds_data_dir=tmp_path / "tfds", validation_split=0.1, batch_size=4, seed=0)
+  train = make_pipeline("tiny_digits", "train", **kw)
+  valid = make_pipeline("tiny_digits", "validation", **kw)
+  test = make_pipeline("tiny_digits", "test", stats=train.stats, **kw)
+  assert isinstance(train, ResidentPipeline) and train.shuffle and not valid.shuffle
+  assert (train.num_examples, valid.num_examples, test.num_examples) == (54, 6, 20)
+  assert train.image_shape == (6, 5, 1) and train.num_classes == 10 and train.class_names[3] == "3"
+  keep, _ = split_validation(60, 0.1)
+  portion = splits["train"][0][keep].astype(np.float64) / 255
+  np.testing.assert_allclose(train.stats["mean"], [portion.mean()], rtol=1e-5)
+  np.testing.assert_allclose(train.stats["std"], [portion.std()], rtol=1e-5)
+  np.testing.assert_array_equal(valid.stats["mean"], train.stats["mean"])  # computed from train, not itself
+  streaming = make_pipeline("tiny_digits", "test", resident=False, stats=train.stats, **kw)
+  assert isinstance(streaming, StreamingPipeline)
+  for a, b in zip(test.batches(0), streaming.batches(0), strict=True):
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["label"], b["label"])
+  resized = load_arrays("tiny_digits", "test", data_dir=raw, tfds_data_dir=tmp_path / "tfds", image_size=(8, 10))
+  assert resized[0].shape == (20, 8, 10, 1)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(split="valid"), "split: expected one of"),
+    (dict(split="validation"), "split: 'validation' needs validation_split > 0"),
+    (dict(resident="yes"), "resident: expected True, False or 'auto'"),
+])
+def test_bad_make_pipeline_arguments(tiny_idx, tmp_path, kwargs, message):
+  raw, _ = tiny_idx
+  args = dict(split="train", batch_size=4, seed=0, data_dir=raw, tfds_data_dir=tmp_path / "tfds")
+  args.update(kwargs)
+  with pytest.raises(ValueError, match=message):
+    make_pipeline("tiny_digits", **args)
+
+
+_FULL_LOAD = """
+import sys
+from jaxcnn.data import load_arrays
+name = sys.argv[2]
+for split, count in (("train", 60000), ("test", 10000)):
+  images, labels = load_arrays(name, split, tfds_data_dir=sys.argv[1], download=False)
+  assert images.shape == (count, 28, 28, 1) and images.dtype.name == "uint8", images.shape
+  assert labels.shape == (count,) and sorted(set(labels.tolist())) == list(range(10))
+  print("count", split, images.shape[0])
+print("tensorflow imported:", "tensorflow" in sys.modules)
+"""
+
+
+# Fashion-MNIST repeats the MNIST check on the other real dataset; it is the slower half, so it is gated.
+@pytest.mark.parametrize("name", ["mnist", pytest.param("fashion_mnist", marks=pytest.mark.slow)])
+def test_real_dataset_loads_fully_without_tensorflow(shared_datasets, tmp_path, name):
+  env = dict(os.environ, JAXCNN_DATA_DIR=str(shared_datasets), JAXCNN_TFDS_DIR="", JAX_PLATFORMS="cpu")
+  result = subprocess.run([sys.executable, "-c", _FULL_LOAD, str(tmp_path / "tfds"), name], env=env,
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = result.stdout.strip().splitlines()
+  assert lines[-1] == "tensorflow imported: False"
+  counts = {line.split()[1]: int(line.split()[2]) for line in lines if line.startswith("count ")}
+  assert counts == {"train": 60000, "test": 10000}
+  assert len(list((tmp_path / "tfds").rglob("dataset_info.json"))) == 1  # prepared once, then reused
