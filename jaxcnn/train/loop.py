@@ -344,7 +344,10 @@ def fit(model, train_data, *, config, workdir=None, val_data=None, callbacks: Se
     if bad:
       loss_sum = float(fetch(host.metric_sums["loss_sum"]))
       kind = "inf" if math.isinf(loss_sum) else "nan"
-      last = checkpointer.last_good_step if checkpointer is not None else None
+      last = None
+      if checkpointer is not None:
+        checkpointer.wait()  # a save still in flight is of a good state: let it commit and count
+        last = checkpointer.last_good_step
       raise NonFiniteError(f"loss became {kind} at step {bad} (epoch {epoch + 1}); last good checkpoint: "
                            + (f"step {last}" if last is not None else "none"))
     return summarize(jax.tree.map(fetch, host.metric_sums), with_accuracy=with_acc)
