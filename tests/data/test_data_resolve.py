@@ -186,3 +186,41 @@ def test_real_dataset_loads_fully_without_tensorflow(shared_datasets, tmp_path, 
   counts = {line.split()[1]: int(line.split()[2]) for line in lines if line.startswith("count ")}
   assert counts == {"train": 60000, "test": 10000}
   assert len(list((tmp_path / "tfds").rglob("dataset_info.json"))) == 1  # prepared once, then reused
+
+
+class _OfflineCatalogBuilder:
+  """Stands in for a tfds catalog builder on a machine without network: download fails, writing a dir first."""
+
+  name = "mnist"
+
+  def __init__(self, root: pathlib.Path):
+    self.data_dir_root = root
+    self.data_dir = root / "mnist" / "3.0.1"
+
+  def is_prepared(self):
+    return False
+
+  def download_and_prepare(self, **kwargs):
+    (self.data_dir_root / "downloads").mkdir(parents=True)  # a partial download, as tfds leaves it
+    raise ConnectionError("Failed to establish a new connection: [Errno 101] Network is unreachable")
+
+
+def test_catalog_steps_come_after_raw_dirs_prepared_then_download(tiny_idx, tmp_path, monkeypatch):
+  import tensorflow_datasets as tfds
+
+  monkeypatch.setattr(resolve_module, "SYSTEM_DIRS", ())
+  monkeypatch.delenv("JAXCNN_DATA_DIR", raising=False)
+  raw, splits = tiny_idx
+  # (c): a dataset already prepared in the tfds data dir is used (here one prepared from the tiny files).
+  prepared = resolve("tiny_digits", data_dir=raw, tfds_data_dir=tmp_path / "tfds").builder
+  monkeypatch.setattr(tfds, "builder", lambda name, data_dir=None: prepared)
+  found = resolve("mnist", tfds_data_dir=tmp_path / "tfds")
+  assert found.source == "tfds" and str(found.path) == str(prepared.data_dir)
+  np.testing.assert_array_equal(found.read("test")[1], splits["test"][1])
+  # (d): not prepared and the download fails offline: reported, and what it wrote is removed.
+  offline_root = tmp_path / "offline_tfds"
+  offline_root.mkdir()
+  monkeypatch.setattr(tfds, "builder", lambda name, data_dir=None: _OfflineCatalogBuilder(offline_root))
+  with pytest.raises(DataError, match=r"tfds download: failed \(ConnectionError: Failed to establish"):
+    resolve("mnist", tfds_data_dir=offline_root)
+  assert list(offline_root.iterdir()) == []
