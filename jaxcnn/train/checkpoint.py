@@ -23,6 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxcnn.errors import CheckpointError
+from jaxcnn.train.optim import _key_name
 from jaxcnn.train.parallel import fetch
 
 _DIGEST_FORMAT = "sha256-v1"
@@ -40,7 +41,9 @@ def digest_tree(tree) -> str:
 
 
 def _shapes(tree) -> dict[str, tuple]:
-  return {jax.tree_util.keystr(p): tuple(getattr(x, "shape", ())) for p, x in
+  """{'params/conv2d/kernel': shape}: '/'-joined plain key names, so NamedTuple fields (target) and the
+  dict keys Orbax's metadata reports for them compare equal."""
+  return {"/".join(_key_name(k) for k in p): tuple(getattr(x, "shape", ())) for p, x in
           jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
@@ -63,14 +66,14 @@ class Checkpointer:
     if self._primary:
       self.digest_dir.mkdir(parents=True, exist_ok=True)
     self.manager = ocp.CheckpointManager(
-        self.workdir / "checkpoints",
+        self.workdir / "checkpoints", item_handlers=ocp.StandardCheckpointHandler(),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                              create=True))
     self.best_metric = best_metric
     self.best_manager = None
     if best_metric:
       self.best_manager = ocp.CheckpointManager(
-          self.workdir / "best",
+          self.workdir / "best", item_handlers=ocp.StandardCheckpointHandler(),
           options=ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: float(m[best_metric]),
                                                best_mode=best_mode, create=True,
                                                enable_async_checkpointing=async_save))
@@ -150,14 +153,8 @@ class Checkpointer:
   def _check_shapes(self, step: int, target_tree) -> None:
     try:
       meta = self.manager.item_metadata(step)
-    except Exception:  # unreadable metadata is damage: left to the digest check after restore
-      return
-    meta_tree = getattr(meta, "tree", meta)
-    if meta_tree is None:
-      return
-    try:
-      saved = _shapes(meta_tree)
-    except Exception:
+      saved = _shapes(getattr(meta, "tree", meta))
+    except Exception:  # unreadable metadata is damage: left to the restore and digest checks
       return
     wanted = _shapes(target_tree)
     mismatched = [f"{k}: checkpoint {saved[k]} vs model {wanted[k]}" for k in wanted
