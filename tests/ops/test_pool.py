@@ -52,7 +52,7 @@ def test_pool2d_matches_reference(op, case):
   jaxcnn.verify(op, x, pool, strides=strides, padding=padding).raise_if_failed()
 
 
-@pytest.mark.parametrize("case", [c for c in CASES_2D if c[2] != "valid"], ids=_case_id)
+@pytest.mark.parametrize("case", [CASES_2D[i] for i in (3, 6, 7, 8)], ids=_case_id)
 def test_avg_pool2d_count_include_pad_matches_reference(case):
   pool, strides, padding, shape = case
   x = _distinct(shape)
@@ -60,7 +60,7 @@ def test_avg_pool2d_count_include_pad_matches_reference(case):
                 count_include_pad=True).raise_if_failed()
 
 
-@pytest.mark.parametrize("case", [CASES_2D[1], CASES_2D[4], CASES_2D[7]], ids=_case_id)
+@pytest.mark.parametrize("case", [CASES_2D[1], CASES_2D[7]], ids=_case_id)
 @pytest.mark.parametrize("op", ["max_pool2d", "avg_pool2d"])
 def test_pool2d_bfloat16_matches_reference(op, case):
   pool, strides, padding, shape = case
@@ -73,8 +73,7 @@ def test_pool2d_bfloat16_matches_reference(op, case):
 CASES_1D = [
     (2, None, "valid", (7, 9, 3)),
     (3, 1, "same", (1, 8, 2)),
-    (3, 2, 1, (7, 8, 2)),
-    (2, 3, ((1, 0),), (1, 9, 2)),
+    (2, 3, ((1, 0),), (7, 9, 2)),
 ]
 
 
