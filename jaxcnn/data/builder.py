@@ -45,7 +45,7 @@ def make_config(dataset: str, kind: str, raw_dir: pathlib.Path, files, image_sha
   """The RawConfig for `dataset` read from `files` in `raw_dir`; its name carries the content digest."""
   digest = idx.digest_files(files)
   return RawConfig(
-      name=f"{dataset}_{digest[:_DIGEST_CHARS]}", version="1.0.0",
+      name=f"{dataset}_{digest[:_DIGEST_CHARS]}", version="1.1.0",
       description=f"{dataset} prepared from raw {kind} files in {raw_dir} (content sha256 {digest})",
       dataset=dataset, kind=kind, raw_dir=str(raw_dir), image_shape=tuple(image_shape),
       class_names=tuple(class_names))
@@ -54,17 +54,23 @@ def make_config(dataset: str, kind: str, raw_dir: pathlib.Path, files, image_sha
 class JaxcnnRaw(tfds.core.GeneratorBasedBuilder):
   """Raw MNIST-family IDX files or CIFAR-10 binary batches as a tfds dataset (array_record)."""
 
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("1.1.0")
   # tfds locates a builder's source through importlib_resources, which is not installed everywhere;
   # this builder's code path is simply this file (it ships no checksums file: nothing is downloaded).
   code_path = epath.Path(__file__)
-  RELEASE_NOTES = {"1.0.0": "Raw IDX / CIFAR-10 binary files validated by decompressed content."}
+  RELEASE_NOTES = {
+      "1.0.0": "Raw IDX / CIFAR-10 binary files validated by decompressed content.",
+      "1.1.0": "Images stored as raw bytes.",
+  }
 
   def _info(self) -> tfds.core.DatasetInfo:
     config = self.builder_config
     return self.dataset_info_from_configs(
         features=tfds.features.FeaturesDict({
-            "image": tfds.features.Tensor(shape=tuple(config.image_shape), dtype=np.uint8),
+            # Stored as one bytes value (not tfds' default of one int64 per pixel): 8x smaller on disk
+            # and read back with a single np.frombuffer.
+            "image": tfds.features.Tensor(shape=tuple(config.image_shape), dtype=np.uint8,
+                                          encoding=tfds.features.Encoding.BYTES),
             "label": tfds.features.Tensor(shape=(), dtype=np.int64),
         }),
         supervised_keys=("image", "label"),
@@ -110,17 +116,31 @@ def prepare(builder: JaxcnnRaw) -> bool:
   return True
 
 
-def read_split(builder, split: str, *, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-  """Reads a prepared array_record split as numpy (no TensorFlow): (images uint8 NHWC, labels int32)."""
+def read_split(builder, split: str, *, chunk: int = 8192) -> tuple[np.ndarray, np.ndarray]:
+  """Reads a prepared array_record split as numpy (no TensorFlow): (images uint8 NHWC, labels int32).
+
+  The records are the tf.train.Example protos tfds wrote for this builder's two Tensor features; they are
+  parsed here directly (image bytes -> uint8 array), several times faster than tfds' generic per-example
+  decoding, and each record's size is checked against the feature's shape.
+  """
+  from tensorflow_datasets.proto import tf_example_pb2  # noqa: PLC0415  (tfds' own copy; no TensorFlow)
+
   source = builder.as_data_source(split=split)
   count = len(source)
   shape = tuple(builder.info.features["image"].shape)
-  images = np.empty((count, *shape), np.uint8)
+  size = int(np.prod(shape))
+  images = np.empty((count, size), np.uint8)
   labels = np.empty((count,), np.int32)
+  parse = tf_example_pb2.Example.FromString
   for start in range(0, count, chunk):
     stop = min(start + chunk, count)
-    records = source.__getitems__(list(range(start, stop)))
+    records = source.data_source.__getitems__(list(range(start, stop)))
     for offset, record in enumerate(records):
-      images[start + offset] = record["image"]
-      labels[start + offset] = record["label"]
-  return images, labels
+      feature = parse(record).features.feature
+      pixels = feature["image"].bytes_list.value[0]
+      if len(pixels) != size:
+        raise ValueError(f"{builder.data_dir}: record {start + offset} of split {split!r} holds "
+                         f"{len(pixels)} image bytes, expected {size} for shape {shape}")
+      images[start + offset] = np.frombuffer(pixels, np.uint8)
+      labels[start + offset] = feature["label"].int64_list.value[0]
+  return images.reshape(count, *shape), labels

@@ -36,6 +36,10 @@ def test_raw_dir_is_prepared_once_then_reused(tiny_idx, tmp_path, caplog):
     np.testing.assert_array_equal(images[..., 0], splits[split][0])
     np.testing.assert_array_equal(labels, splits[split][1])
     assert images.dtype == np.uint8 and labels.dtype == np.int32
+    # the direct record parser agrees with tfds' own decoding of the same records
+    records = second.builder.as_data_source(split=split).__getitems__(list(range(len(labels))))
+    np.testing.assert_array_equal(np.stack([r["image"] for r in records]), images)
+    np.testing.assert_array_equal([r["label"] for r in records], labels)
 
 
 def test_env_data_dir_and_tfds_dir(tiny_idx, tmp_path, monkeypatch):
@@ -221,6 +225,8 @@ def test_catalog_steps_come_after_raw_dirs_prepared_then_download(tiny_idx, tmp_
   offline_root = tmp_path / "offline_tfds"
   offline_root.mkdir()
   monkeypatch.setattr(tfds, "builder", lambda name, data_dir=None: _OfflineCatalogBuilder(offline_root))
+  hidden = []  # TensorFlow is kept off accelerators before a catalog download (not imported here: slow)
+  monkeypatch.setattr(resolve_module, "_hide_accelerators_from_tf", lambda: hidden.append(True))
   with pytest.raises(DataError, match=r"tfds download: failed \(ConnectionError: Failed to establish"):
     resolve("mnist", tfds_data_dir=offline_root)
-  assert list(offline_root.iterdir()) == []
+  assert list(offline_root.iterdir()) == [] and hidden == [True]
