@@ -70,6 +70,10 @@ def maybe_initialize_distributed(init_timeout_s: int = 60, heartbeat_timeout_s: 
   try:
     jax.distributed.initialize(**kwargs)
   except Exception as err:  # the runtime raises several types; all mean the job could not form
+    if "must be called before" in str(err):
+      raise DistributedError("multi-process: the job must be joined before anything touches a device; call "
+                             "jaxcnn.train.maybe_initialize_distributed() first thing (before building "
+                             "data pipelines)") from err
     raise DistributedError(f"multi-process: could not join the job at "
                            f"{os.environ.get('JAX_COORDINATOR_ADDRESS', 'TPU metadata')}: {err}") from err
   logging.info("joined multi-process job: process %d of %d, %d devices in all",

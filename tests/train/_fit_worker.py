@@ -27,6 +27,7 @@ args = parser.parse_args()
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
+import logging  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
@@ -50,10 +51,13 @@ class Pause(train.Callback):
 
 
 def main() -> int:
+  logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  train_data, val_data = make_data()
   try:
+    # Join the job (when JAX_* describe one) before the data pipelines touch a device.
+    train.maybe_initialize_distributed(CONFIG["distributed_init_timeout_s"], CONFIG["heartbeat_timeout_s"])
+    train_data, val_data = make_data()
     result = train.fit(make_model(), train_data, config=CONFIG, workdir=args.workdir, val_data=val_data,
                        callbacks=[Pause()])
   except JaxcnnError as err:
