@@ -107,7 +107,7 @@ def _raw_candidates(name: str, data_dir) -> list[tuple[str, pathlib.Path]]:
   explicit = data_dir if data_dir is not None else os.environ.get(DATA_DIR_ENV)
   candidates = []
   if explicit:
-    base = pathlib.Path(explicit).expanduser()
+    base = pathlib.Path(explicit).expanduser().absolute()
     candidates.append(("raw", base))
     candidates += [("raw", base / folder) for folder in _folder_names(name)]
   for system in SYSTEM_DIRS:

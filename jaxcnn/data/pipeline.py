@@ -107,6 +107,53 @@ def _keys(seed: int):
   return tuple(jax.random.split(jax.random.key(seed), 2))
 
 
+_FEISTEL_ROUNDS = 8
+
+
+def _mix(x, key):
+  """A 32-bit integer hash of x under key (lowbias32 finaliser); uint32 in, uint32 out."""
+  x = x ^ key
+  x = x * jnp.uint32(0x7FEB352D)
+  x = x ^ (x >> 15)
+  x = x * jnp.uint32(0x846CA68B)
+  return x ^ (x >> 16)
+
+
+def shuffle_positions(positions, key, num_examples: int):
+  """Where each position of a random permutation of range(num_examples) points; pure and jittable.
+
+  A Feistel network over the smallest even number of bits covering num_examples is a bijection of
+  [0, 2^bits); re-applying it to values >= num_examples ("cycle walking") restricts it to a bijection of
+  [0, num_examples). A batch so costs O(batch) work instead of sorting the whole split every step, which
+  is what `jax.random.permutation` would do inside a per-step batch_fn.
+
+  Args:
+    positions: int array of positions in [0, num_examples).
+    key: PRNG key of the permutation (e.g. fold_in(shuffle_key, epoch)).
+    num_examples: the permutation's size (static).
+
+  Returns:
+    uint32 array like positions: the example index at each position.
+  """
+  bits = max(2, math.ceil(math.log2(num_examples)) if num_examples > 1 else 2)
+  bits += bits % 2
+  if bits > 32:
+    raise ValueError(f"num_examples: {num_examples} exceeds the 2^32 examples a shuffle can index")
+  half = bits // 2
+  low = jnp.uint32((1 << half) - 1)
+  round_keys = jax.random.bits(key, (_FEISTEL_ROUNDS,), jnp.uint32)
+
+  def encrypt(x):
+    left, right = x >> half, x & low
+    for r in range(_FEISTEL_ROUNDS):
+      left, right = right, left ^ (_mix(right, round_keys[r]) & low)
+    return (left << half) | right
+
+  limit = jnp.uint32(num_examples)
+  first = encrypt(jnp.asarray(positions).astype(jnp.uint32))
+  return jax.lax.while_loop(lambda x: jnp.any(x >= limit), lambda x: jnp.where(x >= limit, encrypt(x), x), first)
+
+
 def _check_arrays(images, labels) -> tuple[np.ndarray, np.ndarray]:
   images = np.asarray(images)
   labels = np.asarray(labels)
@@ -193,11 +240,7 @@ class ResidentPipeline:
     mask = positions < self.num_examples
     positions = jnp.where(mask, positions, 0)
     if self.shuffle:
-      order = jax.random.permutation(jax.random.fold_in(self._shuffle_key, epoch), self.num_examples)
-      if self.drop_remainder:
-        positions = jax.lax.dynamic_slice(order, (step * self.batch_size,), (self.batch_size,))
-      else:
-        positions = order[positions]
+      positions = shuffle_positions(positions, jax.random.fold_in(self._shuffle_key, epoch), self.num_examples)
     return positions.astype(jnp.int32), mask.astype(jnp.float32)
 
   def batch_fn(self, arrays, epoch, step) -> dict:
@@ -324,13 +367,19 @@ class StreamingPipeline:
       return {"image": transform(rng, images_u8, self._stats_device), "label": labels, "mask": mask}
 
     self._finish = jax.jit(finish, out_shardings=sharding) if sharding is not None else jax.jit(finish)
+    self._order_cache = None
     self.position = (0, 0)
 
   def order(self, epoch: int) -> np.ndarray:
     """Global example order of `epoch` (int64 (N,)): a permutation from (seed, epoch), or 0..N-1."""
     if not self.shuffle:
       return np.arange(self.num_examples)
-    return np.random.default_rng([self.seed, int(epoch)]).permutation(self.num_examples)
+    # Kept for the epoch being read: every step of an epoch needs the same permutation.
+    cached = self._order_cache
+    if cached is None or cached[0] != epoch:
+      cached = (epoch, np.random.default_rng([self.seed, int(epoch)]).permutation(self.num_examples))
+      self._order_cache = cached
+    return cached[1]
 
   def local_indices(self, epoch: int, step: int) -> tuple[np.ndarray, np.ndarray]:
     """(example indices (B/P,), mask float32 (B/P,)) this process reads for batch `step` of `epoch`."""

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jaxcnn.data import ArraySource, AugmentConfig, StreamingPipeline, from_arrays
-from jaxcnn.data.pipeline import _prefetch
+from jaxcnn.data.pipeline import _prefetch, shuffle_positions
 
 N = 37
 
@@ -38,6 +38,26 @@ def test_same_seed_same_batches_different_seed_differs():
   for x, y in zip(a, b):
     jax.tree.map(np.testing.assert_array_equal, x, y)
   assert any(not np.array_equal(x["label"], y["label"]) for x, y in zip(a, c))
+
+
+_shuffle = jax.jit(shuffle_positions, static_argnums=2)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 37, 1000, 4097])
+def test_shuffle_positions_is_a_permutation(n):
+  order = np.asarray(_shuffle(jnp.arange(n), jax.random.key(n), n))
+  np.testing.assert_array_equal(np.sort(order), np.arange(n))
+
+
+def test_shuffle_positions_looks_random_and_depends_on_the_key():
+  n = 1000
+  a = np.asarray(_shuffle(jnp.arange(n), jax.random.key(0), n)).astype(np.int64)
+  b = np.asarray(_shuffle(jnp.arange(n), jax.random.key(1), n)).astype(np.int64)
+  assert np.mean(a == b) < 0.02 and np.sum(a == np.arange(n)) < 10
+  rho = np.corrcoef(np.arange(n), a)[0, 1]
+  lag = np.corrcoef(a[:-1], a[1:])[0, 1]
+  assert abs(rho) < 0.1 and abs(lag) < 0.1
+  np.testing.assert_array_equal(a[100:200], np.asarray(_shuffle(jnp.arange(100, 200), jax.random.key(0), n)))
 
 
 def test_training_epoch_drops_remainder_and_reshuffles_per_epoch():
