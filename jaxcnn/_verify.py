@@ -177,13 +177,16 @@ def _compare(name: str, actual, expected, rtol: float, atol: float) -> ErrorStat
 
 
 def _cotangents(outputs, seed: int):
-  """A fixed random cotangent per floating output leaf (None for integer leaves)."""
-  leaves = jax.tree_util.tree_leaves(outputs)
-  key = jax.random.PRNGKey(seed)
+  """A fixed random normal cotangent per floating output leaf (None for integer leaves).
+
+  Drawn with NumPy: `jax.random` would compile a sampler for every new output shape, which costs more
+  than the comparison itself on CPU.
+  """
   cts = []
-  for i, leaf in enumerate(leaves):
+  for i, leaf in enumerate(jax.tree_util.tree_leaves(outputs)):
     if jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
-      cts.append(jax.random.normal(jax.random.fold_in(key, i), jnp.shape(leaf), jnp.float32))
+      rng = np.random.default_rng([seed, i])
+      cts.append(jnp.asarray(rng.standard_normal(jnp.shape(leaf)), jnp.float32))
     else:
       cts.append(None)
   return cts
@@ -246,8 +249,8 @@ def verify(op, *args, argnums: int | Sequence[int] | None = None, lowering: str 
     rtol: relative tolerance; default from the computation dtype (`default_tolerance`).
     atol: absolute tolerance, scaled by max(1, max |reference|) per array; default from the dtype.
     check_grads: also check the fast op's gradient numerically (`jax.test_util.check_grads`, reverse
-      mode, order 1) w.r.t. the same arguments; float32/float64 inputs only, meant for small inputs.
-      Default False.
+      mode, order 1) w.r.t. the same arguments, computed in float64; float32/float64 inputs only, meant
+      for small inputs. Default False.
     seed: seed of the cotangents; default 0.
     **kwargs: keyword arguments for both ops (e.g. strides=2, or rng=key for dropout: the same key goes
       to both).
@@ -318,21 +321,29 @@ def verify(op, *args, argnums: int | Sequence[int] | None = None, lowering: str 
 
 
 def _check_numeric_grads(fast, args, diff, kwargs) -> str:
-  """jax.test_util.check_grads on the fast op w.r.t. args[diff]; "ok" or the failure message."""
+  """jax.test_util.check_grads on the fast op w.r.t. args[diff]; "ok" or the failure message.
+
+  Runs in float64 (floating array arguments upcast under `jax.enable_x64`): finite differences in
+  float32 lose ~eps/step ~ 1e-7/1e-4 = 1e-3 relative to rounding, as large as the tolerance, so a float32
+  check fails or passes by chance. The op's gradient formulas do not depend on the dtype.
+  """
   from jax.test_util import check_grads as jax_check_grads
-  call, traced = _make_call(fast, args, kwargs)
+  with jax.enable_x64(True):
+    args = [jnp.asarray(a, jnp.float64) if _is_float_array(a) else a for a in args]
+    call, traced = _make_call(fast, args, kwargs)
 
-  def f(*diff_arrays):
-    values = {i: args[i] for i in traced}
-    values.update(zip(diff, diff_arrays))
-    out = call(*(values[i] for i in traced))
-    # A scalar of every floating leaf keeps the check to one reverse pass per argument.
-    cts = _cotangents(out, 1)
-    return sum(jnp.sum(leaf * ct.astype(leaf.dtype))
-               for leaf, ct in zip(jax.tree_util.tree_leaves(out), cts) if ct is not None)
+    def f(*diff_arrays):
+      values = {i: args[i] for i in traced}
+      values.update(zip(diff, diff_arrays))
+      out = call(*(values[i] for i in traced))
+      # One scalar of every floating leaf keeps the check to one reverse pass per argument.
+      cts = _cotangents(out, 1)
+      return sum(jnp.sum(leaf * ct.astype(leaf.dtype))
+                 for leaf, ct in zip(jax.tree_util.tree_leaves(out), cts) if ct is not None)
 
-  try:
-    jax_check_grads(f, tuple(args[i] for i in diff), order=1, modes=("rev",))
-  except AssertionError as err:
-    return "FAILED: " + " ".join(str(err).split())[:300]
+    try:
+      # jit: the check calls f several times on same-shaped inputs, so one compile serves them all.
+      jax_check_grads(jax.jit(f), tuple(args[i] for i in diff), order=1, modes=("rev",))
+    except AssertionError as err:
+      return "FAILED: " + " ".join(str(err).split())[:300]
   return "ok"

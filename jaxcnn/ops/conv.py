@@ -107,7 +107,7 @@ def _conv_xla(x, w, strides, pads, dilation, groups, acc_dtype):
 
 def _shifted_slices(x, window, strides, pads, dilation):
   """The kh*kw (or k) strided views of the padded input, one per kernel tap, each (N, *out, C)."""
-  xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+  xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), *((lo, hi, 0) for lo, hi in pads), (0, 0, 0)))
   out = [(size - (k - 1) * d - 1) // s + 1
          for size, k, s, d in zip(xp.shape[1:-1], window, strides, dilation)]
   slices = []
@@ -133,7 +133,7 @@ def _conv_im2col(x, w, strides, pads, dilation, groups, acc_dtype):
   if c_per_group == 1:
     # Depthwise: a matmul with a contraction of length kh*kw per channel would be all overhead, so sum
     # the taps' elementwise products directly (output channel g*per_group + m reads input channel g).
-    kernel = w.reshape(taps, groups, per_group).astype(acc_dtype)
+    kernel = w.reshape(taps, *(1,) * len(lead), groups, per_group).astype(acc_dtype)
     acc = None
     for t, view in enumerate(slices):
       term = view.astype(acc_dtype)[..., None] * kernel[t]
@@ -157,7 +157,7 @@ def _conv(x, w, b, strides, padding, dilation, groups, n, layout, kernel_layout)
   lower = _conv_xla if _resolve_lowering() == "xla" else _conv_im2col
   y = lower(x, w, strides, pads, dilation, groups, acc_dtype)
   if b is not None:
-    y = y + jnp.asarray(b, acc_dtype)
+    y = y + jnp.asarray(b, acc_dtype).reshape((1,) * (y.ndim - 1) + (-1,))
   return y.astype(dtype)
 
 
