@@ -259,11 +259,14 @@ def resolve(name: str, *, data_dir=None, tfds_data_dir=None, download: bool = Tr
       return resolved
   else:
     looked.append("tfds catalog: not a catalog dataset")
-  target = (pathlib.Path(data_dir) if data_dir is not None else
-            pathlib.Path(os.environ[DATA_DIR_ENV]) if os.environ.get(DATA_DIR_ENV) else pathlib.Path(f"${DATA_DIR_ENV}"))
+  explicit = data_dir if data_dir is not None else os.environ.get(DATA_DIR_ENV)
+  folder = _folder_names(name)[0] if name != "cifar10" else "cifar10/cifar-10-batches-bin"
+  if explicit:
+    where = f"{pathlib.Path(explicit).expanduser().absolute() / folder}/"
+  else:
+    where = f"<dir>/{folder}/ and pass data_dir=<dir> (or set {DATA_DIR_ENV}=<dir>)"
   raise DataError(f"{name}: dataset not found; looked in {'; '.join(looked)}. Put {_expected_files(name)} "
-                  f"in {target / _folder_names(name)[0]}/ and pass data_dir={str(target)!r} (or set "
-                  f"{DATA_DIR_ENV})")
+                  f"in {where}")
 
 
 def _read_builder(builder, split: str) -> tuple[np.ndarray, np.ndarray]:

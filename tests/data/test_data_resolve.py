@@ -115,8 +115,13 @@ def test_nothing_resolves_one_message_nothing_written(tmp_path, monkeypatch):
   assert not tfds_dir.exists()
   with pytest.raises(DataError, match=r"^tiny_digits: dataset not found; .*tfds catalog: not a catalog dataset"):
     resolve("tiny_digits", data_dir=empty, tfds_data_dir=tfds_dir, download=False)
-  with pytest.raises(DataError, match=r"cifar10: dataset not found; .*Put data_batch_1.bin"):
+  with pytest.raises(DataError, match=r"cifar10: dataset not found; .*Put data_batch_1.bin .* in "
+                     r".*empty/cifar10/cifar-10-batches-bin/$"):
     resolve("cifar10", data_dir=empty, tfds_data_dir=tfds_dir, download=False)
+  monkeypatch.delenv("JAXCNN_DATA_DIR", raising=False)
+  with pytest.raises(DataError, match=r"raw dir: none given .* in <dir>/fashion_mnist/ and pass "
+                     r"data_dir=<dir> \(or set JAXCNN_DATA_DIR=<dir>\)$"):
+    resolve("fashion_mnist", tfds_data_dir=tfds_dir, download=False)
   assert not tfds_dir.exists()
 
 
