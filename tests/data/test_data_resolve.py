@@ -183,8 +183,7 @@ print("tensorflow imported:", "tensorflow" in sys.modules)
 """
 
 
-# Fashion-MNIST repeats the MNIST check on the other real dataset; it is the slower half, so it is gated.
-@pytest.mark.parametrize("name", ["mnist", pytest.param("fashion_mnist", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["mnist", "fashion_mnist"])
 def test_real_dataset_loads_fully_without_tensorflow(shared_datasets, tmp_path, name):
   env = dict(os.environ, JAXCNN_DATA_DIR=str(shared_datasets), JAXCNN_TFDS_DIR="", JAX_PLATFORMS="cpu")
   result = subprocess.run([sys.executable, "-c", _FULL_LOAD, str(tmp_path / "tfds"), name], env=env,
