@@ -30,7 +30,8 @@ class BatchNorm(nn.Module):
   axis so the statistics are averaged across devices.
 
   PyTorch's defaults (torch.nn.BatchNorm2d(momentum=0.1, eps=1e-5)) are `BatchNorm(momentum=0.9,
-  epsilon=1e-5)`: PyTorch's momentum weighs the new batch, Keras' weighs the old running value.
+  epsilon=1e-5, unbiased_running_var=True)`: PyTorch's momentum weighs the new batch, Keras' weighs the
+  old running value, and PyTorch stores the unbiased batch variance in its running variance.
 
   Attributes:
     momentum: weight of the old running statistics; default 0.99 (Keras).
@@ -38,6 +39,8 @@ class BatchNorm(nn.Module):
     axis_name: the pmap/shard_map axis to average batch statistics over; default None.
     use_scale: learn a per-channel scale (gamma); default True.
     use_bias: learn a per-channel offset (beta); default True.
+    unbiased_running_var: update the running variance with the unbiased batch variance (PyTorch)
+      instead of the biased one (Keras); normalisation uses the biased one either way; default False.
     scale_init: initializer of `scale`; default ones.
     bias_init: initializer of `bias`; default zeros.
     param_dtype: dtype of parameters and statistics; default float32.
@@ -48,6 +51,7 @@ class BatchNorm(nn.Module):
   axis_name: Optional[str] = None
   use_scale: bool = True
   use_bias: bool = True
+  unbiased_running_var: bool = False
   scale_init: Initializer = nn.initializers.ones_init()
   bias_init: Initializer = nn.initializers.zeros_init()
   param_dtype: Any = jnp.float32
@@ -76,7 +80,8 @@ class BatchNorm(nn.Module):
                         self.param_dtype)
     y, new_mean, new_var = _checks.call_op(
         self, ops.batch_norm, x, scale, bias, mean.value, var.value, train=train,
-        momentum=self.momentum, epsilon=self.epsilon, axis_name=self.axis_name)
+        momentum=self.momentum, epsilon=self.epsilon, axis_name=self.axis_name,
+        unbiased_running_var=self.unbiased_running_var)
     if train and not self.is_initializing() and self.is_mutable_collection("batch_stats"):
       mean.value = new_mean
       var.value = new_var
@@ -85,7 +90,7 @@ class BatchNorm(nn.Module):
 
 class LocalResponseNorm(nn.Module):
   """Local response normalisation across channels (torch.nn.LocalResponseNorm semantics):
-  y = x / (k + alpha / size * sum_{window of `size` channels} x^2) ** beta; (N, H, W, C) -> same shape.
+  y = x / (k + alpha / size * sum_{window of `size` channels} x^2) ** beta; (N, ..., C) -> same shape.
 
   Attributes:
     size: number of neighbouring channels in the window; default 5.
@@ -104,8 +109,8 @@ class LocalResponseNorm(nn.Module):
     super().__post_init__()
 
   def __call__(self, x, train: bool = False):
-    """x: (N, H, W, C) -> same shape. `train` is accepted and ignored."""
+    """x: (N, ..., C) with rank >= 2, channels last -> same shape. `train` is accepted and ignored."""
     del train
-    _checks.check_input_rank(self, x, 4, "(N, H, W, C)")
+    _checks.check_min_rank(self, x, 2, "(N, ..., C)")
     return _checks.call_op(self, ops.local_response_norm, x, self.size, alpha=self.alpha,
                            beta=self.beta, k=self.k)
