@@ -7,7 +7,8 @@ and ends with `if __name__ == "__main__": run(__name__, get_config, main)`. Then
 
 overrides any config value (as in the Flax examples and big_vision). Errors that jaxcnn raises on
 purpose (`jaxcnn.errors.JaxcnnError`) are printed as one line, without a traceback, and the process exits
-with the error's code: 2 for bad data/config, 3 for a non-finite loss.
+with the error's code: 2 for bad data/config, 3 for a non-finite loss. Command-line mistakes (an unknown
+`--config.key`, a value of the wrong type, a stray argument) are config errors too: one line, exit 2.
 """
 from __future__ import annotations
 
@@ -18,7 +19,12 @@ import os
 import pathlib
 import platform
 import sys
+import time
 from typing import Any, Callable
+
+# When this process started running Python code of the project (before jax is imported): the origin of
+# the end-to-end times experiments report.
+PROCESS_START = time.time()
 
 # Quiet TensorFlow/absl C++ logs should anything import them; the MNIST path never imports TensorFlow.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -75,16 +81,59 @@ def _jsonable(value):
   raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+def _usage_error(message: str) -> None:
+  """A command-line mistake: one line on stderr, exit code 2 (as for any other config error)."""
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(errors.ConfigError.exit_code)
+
+
+def _override_keys(argv: list[str]) -> list[str]:
+  """The dotted keys of every `--config.<key>[=value]` argument (flag parsing stops at `--`)."""
+  keys = []
+  for arg in argv[1:]:
+    if arg == "--":
+      break
+    for prefix in ("--config.", "-config.", "--noconfig.", "-noconfig."):
+      if arg.startswith(prefix):
+        keys.append(arg[len(prefix):].split("=", 1)[0])
+  return keys
+
+
+def check_overrides(config, argv: list[str]) -> None:
+  """Exits 2 with one line naming the key when an override names a key the config lacks.
+
+  ml_collections would otherwise fail with a KeyError traceback while the flag is being defined.
+  """
+  for key in _override_keys(argv):
+    node = config
+    for i, part in enumerate(key.split(".")):
+      if not hasattr(node, "keys") or part not in node.keys():
+        where = ".".join(key.split(".")[:i]) or "config"
+        known = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "none (not a ConfigDict)"
+        _usage_error(f"--config.{key}: unknown config key {part!r} in {where}; known keys: {known}")
+      node = node[part]
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing with a bad value (e.g. --config.epochs=abc) reported as one line and exit 2."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as err:
+    _usage_error(str(err))
+
+
 def run(name: str, get_config: Callable[[], Any], main: Callable[[Any, pathlib.Path], Any]) -> None:
   """Parses flags, sets up logging and the workdir, calls `main(config, workdir)`, maps errors to exit codes."""
   module_name = name.rsplit(".", 1)[-1] if name != "__main__" else pathlib.Path(sys.argv[0]).stem
-  config_flags.DEFINE_config_dict("config", get_config(), f"{module_name} configuration.")
+  default_config = get_config()
+  check_overrides(default_config, sys.argv)
+  config_flags.DEFINE_config_dict("config", default_config, f"{module_name} configuration.")
   flags.DEFINE_string("workdir", None, f"Run directory (default runs/{module_name}/<timestamp>); "
                       "re-running with the same workdir resumes from its latest checkpoint.")
 
   def _main(argv):
     if len(argv) > 1:
-      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+      _usage_error(f"unexpected arguments: {' '.join(argv[1:])} (settings are --config.<key>=<value>)")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
     for noisy in ("absl", "jax._src", "orbax", "tensorflow_datasets"):
       logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -99,4 +148,4 @@ def run(name: str, get_config: Callable[[], Any], main: Callable[[Any, pathlib.P
       print("interrupted", file=sys.stderr)
       sys.exit(130)
 
-  app.run(_main)
+  app.run(_main, flags_parser=_parse_flags)
