@@ -1,0 +1,148 @@
+"""What the benchmarks share: the machine record, interleaved timing, statistics, tables and JSON output."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import pathlib
+import platform
+import statistics
+import time
+from typing import Callable, Mapping, Sequence
+
+RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
+
+
+def cpu_model() -> str:
+  """The CPU's model name from /proc/cpuinfo ("unknown" where it is not readable)."""
+  try:
+    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or "unknown"
+
+
+def usable_cores() -> int:
+  """Cores this process may run on (its affinity mask), which is what every contender is given."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # not Linux
+    return os.cpu_count() or 1
+
+
+def load_average() -> tuple[float, float, float] | None:
+  """The 1, 5 and 15 minute load averages, or None where the OS has none."""
+  try:
+    return tuple(round(v, 2) for v in os.getloadavg())
+  except OSError:
+    return None
+
+
+def machine_info() -> dict:
+  """Where and when a result was measured: CPU, cores, load, library versions, XLA flags, UTC time."""
+  import jax
+  import jaxlib
+  info = {
+      "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+      "cpu": cpu_model(),
+      "cores": usable_cores(),
+      "load_average_start": load_average(),
+      "python": platform.python_version(),
+      "jax": jax.__version__,
+      "jaxlib": jaxlib.__version__,
+      "jax_backend": jax.default_backend(),
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+  }
+  for name in ("flax", "optax", "torch"):
+    try:
+      info[name] = __import__(name).__version__
+    except ImportError:
+      info[name] = None
+  return info
+
+
+def set_torch_threads(torch_module, cores: int) -> int:
+  """Gives PyTorch the same thread budget as XLA (one intra-op thread per usable core)."""
+  torch_module.set_num_threads(cores)
+  return torch_module.get_num_threads()
+
+
+def interleave(contenders: Mapping[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
+  """Runs every contender once per round, round-robin, `repeats` rounds.
+
+  Interleaving spreads any drift of the machine's load over all contenders alike, so their ratios stay
+  meaningful on a shared machine where absolute times do not.
+
+  Args:
+    contenders: name -> a callable that performs one measured unit and returns its own elapsed seconds
+      (each contender synchronises its device work before stopping its clock).
+    repeats: rounds (>= 1).
+
+  Returns:
+    name -> list of `repeats` elapsed times, in round order.
+  """
+  if repeats < 1:
+    raise ValueError(f"interleave: repeats must be >= 1, got {repeats}")
+  samples: dict[str, list[float]] = {name: [] for name in contenders}
+  for _ in range(repeats):
+    for name, measure in contenders.items():
+      samples[name].append(float(measure()))
+  return samples
+
+
+def timed(fn: Callable[[], object]) -> float:
+  """Seconds `fn()` takes (it must block until its work is done)."""
+  start = time.perf_counter()
+  fn()
+  return time.perf_counter() - start
+
+
+def spread(values: Sequence[float]) -> dict[str, float]:
+  """median, min, max, and the interquartile range (q25, q75) of `values` (non-empty)."""
+  values = sorted(float(v) for v in values)
+  if not values:
+    raise ValueError("spread: no values")
+  if len(values) >= 4:
+    q25, _, q75 = statistics.quantiles(values, n=4, method="inclusive")
+  else:
+    q25, q75 = values[0], values[-1]
+  return {"median": statistics.median(values), "min": values[0], "max": values[-1], "q25": q25,
+          "q75": q75, "n": len(values)}
+
+
+def per_round_ratios(numerator: Sequence[float], denominator: Sequence[float]) -> list[float]:
+  """numerator[i] / denominator[i] for each round: the ratio within a round shares that round's load."""
+  if len(numerator) != len(denominator):
+    raise ValueError("per_round_ratios: the sample lists differ in length")
+  return [a / b for a, b in zip(numerator, denominator)]
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+  """A plain-text table with right-aligned numeric columns (floats with 2 decimals)."""
+  cells = [[_cell(v) for v in row] for row in rows]
+  widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+  lines = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(headers, widths)))]
+  lines.append("  ".join("-" * w for w in widths))
+  for row in cells:
+    lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+  return "\n".join(lines)
+
+
+def _cell(value) -> str:
+  if value is None:
+    return "-"
+  if isinstance(value, float):
+    return f"{value:.2f}"
+  return str(value)
+
+
+def write_result(name: str, payload: dict, path: str | os.PathLike | None = None) -> pathlib.Path:
+  """Writes `payload` as JSON to `path` (default benchmarks/results/<name>.json); returns the path."""
+  out = pathlib.Path(path) if path else RESULTS_DIR / f"{name}.json"
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = out.with_suffix(out.suffix + ".tmp")
+  tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+  os.replace(tmp, out)
+  return out
