@@ -32,6 +32,11 @@ def _is_int(value) -> bool:
   return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def compute_dtype(dtype):
+  """The dtype to accumulate sums and statistics in: float32, or float64 for float64 inputs."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 def normalize_tuple(value: PairOrInt, n: int, name: str, *, minimum: int = 1) -> tuple[int, ...]:
   """An int or a length-`n` sequence of ints -> a length-`n` tuple, each >= `minimum`."""
   if _is_int(value):

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxcnn.ops._args import check_floating, check_rank, normalize_tuple, resolve_padding
+from jaxcnn.ops._args import check_floating, check_rank, compute_dtype, normalize_tuple, resolve_padding
 
 __all__ = ["dropout", "upsample2d", "zero_pad2d"]
 
@@ -105,7 +105,8 @@ def upsample2d(x, size=2, *, method: str = "nearest"):
     method: "nearest" (default) or "bilinear".
 
   Returns:
-    (N, H * size_h, W * size_w, C) array of x's dtype (bilinear blends in float32).
+    (N, H * size_h, W * size_w, C) array of x's dtype (bilinear blends in float32, float64 for
+    float64 x).
   """
   sh, sw = _parse_upsample_args(x, size, method)
   x = jnp.asarray(x)
@@ -113,7 +114,7 @@ def upsample2d(x, size=2, *, method: str = "nearest"):
   if method == "nearest":
     tiled = jnp.broadcast_to(x[:, :, None, :, None, :], (n, h, sh, w, sw, c))
     return tiled.reshape(n, h * sh, w * sw, c)
-  y = _upsample_axis_bilinear(x.astype(jnp.float32), sh, 1)
+  y = _upsample_axis_bilinear(x.astype(compute_dtype(x.dtype)), sh, 1)
   y = _upsample_axis_bilinear(y, sw, 2)
   return y.astype(x.dtype)
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxcnn.ops._args import check_floating
+from jaxcnn.ops._args import check_floating, compute_dtype
 
 __all__ = ["batch_norm", "local_response_norm"]
 
@@ -66,7 +66,8 @@ def batch_norm(x, scale, bias, mean, var, *, train: bool, momentum: float = 0.99
   y = (x - mu) / sqrt(sigma2 + epsilon) * scale + bias, where (mu, sigma2) are
     train=True:  the batch mean and biased batch variance over all axes but the last;
     train=False: the running (mean, var) passed in.
-  Statistics and normalisation are computed in float32 (also for bfloat16 x); y has x's dtype.
+  Statistics and normalisation are computed in float32 (also for bfloat16 x; float64 for float64 x);
+  y has x's dtype.
 
   Running statistics (train=True) follow Keras: new = momentum * old + (1 - momentum) * batch, with the
   biased batch variance. PyTorch writes momentum the other way round (torch_momentum = 1 - momentum) and
@@ -98,7 +99,8 @@ def batch_norm(x, scale, bias, mean, var, *, train: bool, momentum: float = 0.99
   _check_unbiased_count(x, train, axis_name, unbiased_running_var)
   x = jnp.asarray(x)
   mean, var = jnp.asarray(mean), jnp.asarray(var)
-  xf = x.astype(jnp.float32)
+  acc = compute_dtype(x.dtype)
+  xf = x.astype(acc)
   if train:
     axes = tuple(range(x.ndim - 1))
     batch_mean = jnp.mean(xf, axis=axes, keepdims=True)
@@ -116,19 +118,19 @@ def batch_norm(x, scale, bias, mean, var, *, train: bool, momentum: float = 0.99
       if axis_name is not None:
         count = count * lax.axis_size(axis_name)
       running_var_batch = sigma2 * (count / jnp.maximum(count - 1.0, 1.0))
-    new_mean = (momentum * mean.astype(jnp.float32) + (1.0 - momentum) * mu).astype(mean.dtype)
-    new_var = (momentum * var.astype(jnp.float32)
+    new_mean = (momentum * mean.astype(acc) + (1.0 - momentum) * mu).astype(mean.dtype)
+    new_var = (momentum * var.astype(acc)
                + (1.0 - momentum) * running_var_batch).astype(var.dtype)
   else:
-    mu, sigma2 = mean.astype(jnp.float32), var.astype(jnp.float32)
+    mu, sigma2 = mean.astype(acc), var.astype(acc)
     new_mean, new_var = mean, var
   # One multiply-add per element: fold the normalisation and the affine map into (C,) vectors first.
   inv = lax.rsqrt(sigma2 + epsilon)
   if scale is not None:
-    inv = inv * jnp.asarray(scale).astype(jnp.float32)
+    inv = inv * jnp.asarray(scale).astype(acc)
   shift = -mu * inv
   if bias is not None:
-    shift = shift + jnp.asarray(bias).astype(jnp.float32)
+    shift = shift + jnp.asarray(bias).astype(acc)
   shape = (1,) * (x.ndim - 1) + (-1,)
   y = xf * inv.reshape(shape) + shift.reshape(shape)
   return y.astype(x.dtype), new_mean, new_var
@@ -139,7 +141,7 @@ def local_response_norm(x, size: int = 5, *, alpha: float = 1e-4, beta: float = 
 
   y[..., c] = x[..., c] / (k + alpha / size * sum_{j in window(c)} x[..., j]^2) ** beta, where window(c)
   = c - size // 2 ... c + (size - 1) // 2, and channels outside [0, C) count as zeros (so the divisor
-  is always `size`, as in PyTorch). Computed in float32; y has x's dtype.
+  is always `size`, as in PyTorch). Computed in float32 (float64 for float64 x); y has x's dtype.
 
   The window sum is a (C, C) banded matrix product, which XLA runs as one dot.
 
@@ -160,7 +162,7 @@ def local_response_norm(x, size: int = 5, *, alpha: float = 1e-4, beta: float = 
   # band[j, i] = 1 when input channel j lies in output channel i's window.
   offset = c[:, None] - c[None, :]
   band = ((offset >= -(size // 2)) & (offset <= (size - 1) // 2)).astype(np.float32)
-  xf = x.astype(jnp.float32)
-  window_sum = jnp.matmul(jnp.square(xf), jnp.asarray(band), precision=lax.Precision.HIGHEST)
+  xf = x.astype(compute_dtype(x.dtype))
+  window_sum = jnp.matmul(jnp.square(xf), jnp.asarray(band, xf.dtype), precision=lax.Precision.HIGHEST)
   denom = jnp.power(k + (alpha / size) * window_sum, beta)
   return (xf / denom).astype(x.dtype)

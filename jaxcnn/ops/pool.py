@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxcnn.ops._args import PairOrInt, Padding, check_floating, check_rank, parse_pool_args
+from jaxcnn.ops._args import PairOrInt, Padding, check_floating, check_rank, compute_dtype, parse_pool_args
 
 __all__ = [
     "max_pool2d", "avg_pool2d", "global_avg_pool2d", "global_max_pool2d",
@@ -67,7 +67,7 @@ def _reduce_windows(x, window: Sequence[int], strides: Sequence[int], kind: str)
       dims[axis] = k
       step = [1] * x.ndim
       step[axis] = s
-      x = lax.reduce_window(x, jnp.zeros((), x.dtype), lax.add, dims, step, "VALID")
+      x = lax.reduce_window(x, np.zeros((), x.dtype), lax.add, dims, step, "VALID")
       continue
     acc = None
     for tap in range(k):
@@ -84,13 +84,13 @@ def _pad_spatial(x, pads, value):
 
 
 def _real_cell_counts(spatial, window, strides, pads):
-  """(1, *out, 1) float32 numpy array: how many real (unpadded) cells each window covers."""
-  counts = np.ones((), np.float32)
+  """(1, *out, 1) float64 numpy array: how many real (unpadded) cells each window covers."""
+  counts = np.ones((), np.float64)
   for size, k, s, (lo, hi) in zip(spatial, window, strides, pads):
     out = (size + lo + hi - k) // s + 1
     starts = np.arange(out) * s - lo
     per_dim = np.minimum(starts + k, size) - np.maximum(starts, 0)
-    counts = np.multiply.outer(counts, per_dim.astype(np.float32))
+    counts = np.multiply.outer(counts, per_dim.astype(np.float64))
   return counts.reshape(1, *counts.shape, 1)
 
 
@@ -106,12 +106,12 @@ def _avg_pool(x, pool_size, strides, padding, count_include_pad, n):
   x = jnp.asarray(x)
   dtype = x.dtype
   spatial = x.shape[1:-1]
-  # Sum in float32 even for bfloat16 inputs: a window of k*k rounded terms loses bits otherwise.
-  sums = _reduce_windows(_pad_spatial(x.astype(jnp.float32), pads, 0.0), window, strides, "sum")
+  # Sum in (at least) float32 even for bfloat16 inputs: a window of k*k rounded terms loses bits otherwise.
+  sums = _reduce_windows(_pad_spatial(x.astype(compute_dtype(dtype)), pads, 0.0), window, strides, "sum")
   if count_include_pad:
     return (sums * (1.0 / float(np.prod(window)))).astype(dtype)
   inverse = 1.0 / _real_cell_counts(spatial, window, strides, pads)
-  return (sums * jnp.asarray(inverse)).astype(dtype)
+  return (sums * jnp.asarray(inverse, sums.dtype)).astype(dtype)
 
 
 def max_pool2d(x, pool_size: PairOrInt, *, strides: PairOrInt | None = None, padding: Padding = "valid"):
@@ -145,7 +145,7 @@ def avg_pool2d(x, pool_size: PairOrInt, *, strides: PairOrInt | None = None, pad
       number of real cells in it; True (PyTorch's default) divides by kh * kw.
 
   Returns:
-    (N, Ho, Wo, C) array of x's dtype (sums are accumulated in float32).
+    (N, Ho, Wo, C) array of x's dtype (sums are accumulated in float32, or float64 for float64 x).
   """
   return _avg_pool(x, pool_size, strides, padding, count_include_pad, 2)
 
@@ -189,7 +189,7 @@ def _global_pool(x, n, kind):
   axes = tuple(range(1, n + 1))
   if kind == "max":
     return jnp.max(x, axis=axes)
-  return jnp.mean(x.astype(jnp.float32), axis=axes).astype(x.dtype)
+  return jnp.mean(x.astype(compute_dtype(x.dtype)), axis=axes).astype(x.dtype)
 
 
 def global_avg_pool2d(x):

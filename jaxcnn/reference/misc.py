@@ -7,6 +7,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
+from jaxcnn.ops._args import compute_dtype
 from jaxcnn.ops.misc import _check_dropout_args, _dropout_mask, _parse_upsample_args, _parse_zero_pad_args
 
 __all__ = ["dropout", "upsample2d", "zero_pad2d"]
@@ -30,8 +31,9 @@ def dropout(x, rate: float, *, rng=None, deterministic: bool = False):
   if _check_dropout_args(x, rate, rng, deterministic):
     return jnp.asarray(x)
   x = jnp.asarray(x)
-  mask = _dropout_mask(rng, rate, x.shape).astype(jnp.float32)
-  return (x.astype(jnp.float32) * mask / (1.0 - rate)).astype(x.dtype)
+  acc = compute_dtype(x.dtype)
+  mask = _dropout_mask(rng, rate, x.shape).astype(acc)
+  return (x.astype(acc) * mask / (1.0 - rate)).astype(x.dtype)
 
 
 def _nearest_indices(out: int, scale: int):
@@ -46,7 +48,7 @@ def _bilinear_taps(size: int, scale: int):
   coord = np.clip((np.arange(size * scale) + 0.5) / scale - 0.5, 0.0, size - 1.0)
   lower = np.floor(coord).astype(np.int32)
   upper = np.minimum(lower + 1, size - 1)
-  return lower, upper, (coord - lower).astype(np.float32)
+  return lower, upper, coord - lower
 
 
 def upsample2d(x, size=2, *, method: str = "nearest"):
@@ -72,9 +74,9 @@ def upsample2d(x, size=2, *, method: str = "nearest"):
     return x[:, rows[:, None], cols[None, :], :]
   r0, r1, a = _bilinear_taps(h, sh)
   c0, c1, b = _bilinear_taps(w, sw)
-  xf = x.astype(jnp.float32)
-  a = a[None, :, None, None]  # (1, Ho, 1, 1): broadcast over batch, output columns and channels
-  b = b[None, None, :, None]  # (1, 1, Wo, 1)
+  xf = x.astype(compute_dtype(x.dtype))
+  a = jnp.asarray(a[None, :, None, None], xf.dtype)  # (1, Ho, 1, 1): over batch, columns, channels
+  b = jnp.asarray(b[None, None, :, None], xf.dtype)  # (1, 1, Wo, 1)
   top = (1 - b) * xf[:, r0[:, None], c0[None, :], :] + b * xf[:, r0[:, None], c1[None, :], :]
   bottom = (1 - b) * xf[:, r1[:, None], c0[None, :], :] + b * xf[:, r1[:, None], c1[None, :], :]
   return ((1 - a) * top + a * bottom).astype(x.dtype)

@@ -1,13 +1,14 @@
 """Reference normalisation: the textbook batch-norm formula and LRN with an explicit channel loop.
 
 Argument checks are shared with `jaxcnn.ops.norm` (same errors); the arithmetic is written here
-independently, in float32.
+independently, in float32 (float64 for float64 x).
 """
 from __future__ import annotations
 
 import jax.numpy as jnp
 from jax import lax
 
+from jaxcnn.ops._args import compute_dtype
 from jaxcnn.ops.norm import _check_batch_norm_args, _check_lrn_args, _check_unbiased_count
 
 __all__ = ["batch_norm", "local_response_norm"]
@@ -42,10 +43,11 @@ def batch_norm(x, scale, bias, mean, var, *, train: bool, momentum: float = 0.99
   _check_unbiased_count(x, train, axis_name, unbiased_running_var)
   x = jnp.asarray(x)
   mean, var = jnp.asarray(mean), jnp.asarray(var)
-  rows = x.astype(jnp.float32).reshape(-1, channels)  # (n, C): one row per value of each channel
+  acc = compute_dtype(x.dtype)
+  rows = x.astype(acc).reshape(-1, channels)  # (n, C): one row per value of each channel
   if train:
     total = jnp.sum(rows, axis=0)
-    count = jnp.float32(rows.shape[0])
+    count = jnp.asarray(rows.shape[0], acc)
     if axis_name is not None:
       total = lax.psum(total, axis_name)
       count = lax.psum(count, axis_name)
@@ -55,16 +57,16 @@ def batch_norm(x, scale, bias, mean, var, *, train: bool, momentum: float = 0.99
       squared = lax.psum(squared, axis_name)
     sigma2 = squared / count
     batch_var = sigma2 * count / (count - 1.0) if unbiased_running_var else sigma2
-    new_mean = (momentum * mean.astype(jnp.float32) + (1.0 - momentum) * mu).astype(mean.dtype)
-    new_var = (momentum * var.astype(jnp.float32) + (1.0 - momentum) * batch_var).astype(var.dtype)
+    new_mean = (momentum * mean.astype(acc) + (1.0 - momentum) * mu).astype(mean.dtype)
+    new_var = (momentum * var.astype(acc) + (1.0 - momentum) * batch_var).astype(var.dtype)
   else:
-    mu, sigma2 = mean.astype(jnp.float32), var.astype(jnp.float32)
+    mu, sigma2 = mean.astype(acc), var.astype(acc)
     new_mean, new_var = mean, var
   y = (rows - mu[None, :]) / jnp.sqrt(sigma2[None, :] + epsilon)
   if scale is not None:
-    y = y * jnp.asarray(scale).astype(jnp.float32)[None, :]
+    y = y * jnp.asarray(scale).astype(acc)[None, :]
   if bias is not None:
-    y = y + jnp.asarray(bias).astype(jnp.float32)[None, :]
+    y = y + jnp.asarray(bias).astype(acc)[None, :]
   return y.reshape(x.shape).astype(x.dtype), new_mean, new_var
 
 
@@ -87,11 +89,11 @@ def local_response_norm(x, size: int = 5, *, alpha: float = 1e-4, beta: float = 
   _check_lrn_args(x, size, alpha, beta, k)
   x = jnp.asarray(x)
   channels = x.shape[-1]
-  xf = x.astype(jnp.float32)
+  xf = x.astype(compute_dtype(x.dtype))
   before, after = size // 2, (size - 1) // 2
-  squares = jnp.zeros((*x.shape[:-1], channels + before + after), jnp.float32)
+  squares = jnp.zeros((*x.shape[:-1], channels + before + after), xf.dtype)
   squares = squares.at[..., before:before + channels].set(xf * xf)
-  window_sum = jnp.zeros(xf.shape, jnp.float32)
+  window_sum = jnp.zeros(xf.shape, xf.dtype)
   for tap in range(size):
     window_sum = window_sum + squares[..., tap:tap + channels]
   return (xf / (k + alpha * window_sum / size) ** beta).astype(x.dtype)

@@ -2,13 +2,14 @@
 
 The padded input is built by writing x into a filled array; window cell (o, t) of a spatial dim reads
 padded index o * stride + t. Average pools count the real cells of each window by gathering a 0/1
-mask of real cells the same way. Everything is computed in float32 and cast back to x's dtype.
+mask of real cells the same way. Everything is computed in float32 (float64 for float64 x) and cast
+back to x's dtype.
 """
 from __future__ import annotations
 
 import jax.numpy as jnp
 
-from jaxcnn.ops._args import PairOrInt, Padding, check_floating, check_rank, parse_pool_args
+from jaxcnn.ops._args import PairOrInt, Padding, check_floating, check_rank, compute_dtype, parse_pool_args
 
 __all__ = [
     "max_pool2d", "avg_pool2d", "global_avg_pool2d", "global_max_pool2d",
@@ -45,21 +46,22 @@ def _window_axes(n):
 def _max_pool(x, pool_size, strides, padding, n):
   window, strides, pads = parse_pool_args(x, pool_size, strides, padding, n, _LAYOUTS[n])
   x = jnp.asarray(x)
-  patches = _gather_windows(_padded(x.astype(jnp.float32), pads, -jnp.inf), window, strides)
+  patches = _gather_windows(_padded(x.astype(compute_dtype(x.dtype)), pads, -jnp.inf), window, strides)
   return jnp.max(patches, axis=_window_axes(n)).astype(x.dtype)
 
 
 def _avg_pool(x, pool_size, strides, padding, count_include_pad, n):
   window, strides, pads = parse_pool_args(x, pool_size, strides, padding, n, _LAYOUTS[n])
   x = jnp.asarray(x)
-  patches = _gather_windows(_padded(x.astype(jnp.float32), pads, 0.0), window, strides)
+  acc = compute_dtype(x.dtype)
+  patches = _gather_windows(_padded(x.astype(acc), pads, 0.0), window, strides)
   sums = jnp.sum(patches, axis=_window_axes(n))
   if count_include_pad:
     count = 1.0
     for k in window:
       count *= k
   else:
-    real = _padded(jnp.ones((1, *x.shape[1:-1], 1), jnp.float32), pads, 0.0)
+    real = _padded(jnp.ones((1, *x.shape[1:-1], 1), acc), pads, 0.0)
     count = jnp.sum(_gather_windows(real, window, strides), axis=_window_axes(n))
   return (sums / count).astype(x.dtype)
 
@@ -135,7 +137,7 @@ def _global_pool(x, n, kind):
   x = jnp.asarray(x)
   # Flatten the spatial dims and reduce the one axis: a different route from the fast op's multi-axis
   # reduction, the same numbers.
-  flat = x.astype(jnp.float32).reshape(x.shape[0], -1, x.shape[-1])
+  flat = x.astype(compute_dtype(x.dtype)).reshape(x.shape[0], -1, x.shape[-1])
   if kind == "max":
     return jnp.max(flat, axis=1).astype(x.dtype)
   return (jnp.sum(flat, axis=1) / flat.shape[1]).astype(x.dtype)
