@@ -114,6 +114,18 @@ def test_batch_norm_pmap_axis_name_equals_global_batch(module, unbiased):
     assert_close(variances[d], new_var)
 
 
+def test_batch_norm_under_jit_with_sharded_batch_uses_global_statistics():
+  # No axis_name under jit: the batch axis is split over 4 devices, yet the means are global.
+  mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()[:4]), ("batch",))
+  x, scale, bias, mean, var = _inputs((8, 3, 2, 3))
+  xs = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch")))
+  y, new_mean, new_var = jax.jit(lambda x: ops.batch_norm(x, scale, bias, mean, var, train=True))(xs)
+  assert len(xs.sharding.device_set) == 4
+  expected = reference.batch_norm(x, scale, bias, mean, var, train=True)
+  for got, want in zip((y, new_mean, new_var), expected):
+    assert_close(got, want)
+
+
 def test_batch_norm_gradients_flow_through_batch_statistics():
   # In training the batch mean depends on x, so a constant shift of x changes nothing: the gradient of
   # any loss w.r.t. x sums to zero per channel.
