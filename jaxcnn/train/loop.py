@@ -361,6 +361,7 @@ def fit(model, train_data, *, config, workdir=None, val_data=None, callbacks: Se
       for epoch in range(start_epoch, epochs):
         epoch_step = start_step if epoch == start_epoch else 0
         batches = None if use_scan else iter(train_data.batches(epoch, epoch_step))
+        metrics = None
         # steps of this epoch, in chunks between host syncs
         while epoch_step < steps_per_epoch:
           n = boundary_after(global_step, epoch_step)
@@ -379,6 +380,8 @@ def fit(model, train_data, *, config, workdir=None, val_data=None, callbacks: Se
             _stop_preempted(checkpointer, layout, state)
 
         # epoch end: metrics, validation, history, callbacks, checkpoint
+        if metrics is None:  # resumed exactly at the end of an epoch: no step ran in it here
+          metrics = sync(state, first_bad, epoch)
         logs = {"epoch": epoch + 1, **metrics, "lr": float(schedule(global_step - 1))}
         if val_data is not None:
           logs.update(summarize(_evaluate_sums(layout, eval_fn, state, val_data), "val_", with_acc))

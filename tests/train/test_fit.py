@@ -219,3 +219,35 @@ def test_batch_size_must_divide_device_count():
 def test_not_a_pipeline_is_rejected():
   with pytest.raises(ConfigError, match="train_data is not an InputPipeline"):
     train.fit(make_model(), [1, 2, 3], config={})
+
+
+def _read_idx(path: pathlib.Path, count: int) -> np.ndarray:
+  import gzip
+  with gzip.open(path, "rb") as f:
+    raw = f.read()
+  ndim = raw[3]
+  shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+  data = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+  return data[:count]
+
+
+@pytest.mark.slow  # ~30 s of CPU compiling a full-size model; the tiny models cover the engine by default
+def test_registry_model_on_real_mnist(shared_datasets, tmp_path):
+  """A registered BatchNorm + Dropout model trains on real MNIST digits through jaxcnn.data.from_arrays."""
+  from jaxcnn import data as data_lib
+  from jaxcnn import models
+  images = _read_idx(shared_datasets / "mnist" / "t10k-images-idx3-ubyte.gz", 96)[..., None]
+  labels = _read_idx(shared_datasets / "mnist" / "t10k-labels-idx1-ubyte.gz", 96).astype(np.int32)
+  train_data = data_lib.from_arrays(images[:64], labels[:64], batch_size=32, seed=0, normalize="scale")
+  val_data = data_lib.from_arrays(images[64:], labels[64:], batch_size=32, seed=0, shuffle=False,
+                                  normalize="scale")
+  model = models.get("mnist_bn_cnn")
+  config = dict(epochs=2, log_every=2, learning_rate=1e-3, progress="none", best_metric="val_accuracy")
+  result = train.fit(model, train_data, config=config, val_data=val_data, workdir=tmp_path)
+  assert result.history["epoch"] == [1, 2]
+  assert all(np.isfinite(result.history["loss"])) and all(np.isfinite(result.history["val_loss"]))
+  assert result.history["loss"][1] < result.history["loss"][0]
+  assert set(jax.tree.leaves(jax.tree.map(lambda x: x.shape[0] > 0, result.state.batch_stats))) == {True}
+  assert train.evaluate(result.state, model, val_data)["loss"] == pytest.approx(result.history["val_loss"][-1],
+                                                                              rel=1e-5)
+  assert [p.name for p in (tmp_path / "best").iterdir() if p.name.isdigit()]  # best-by-metric kept
