@@ -75,7 +75,7 @@ class VerifyResult:
   Attributes:
     op: the op name.
     dtype: the computation dtype the tolerance was taken from.
-    lowering: the conv lowering the fast op ran under, or None (the current setting).
+    lowering: the conv lowering setting the fast op was traced under ("auto", "xla", "im2col").
     rtol, atol: the tolerance used.
     forward: one ErrorStat per output leaf.
     grads: one ErrorStat per differentiated positional argument.
@@ -83,7 +83,7 @@ class VerifyResult:
   """
   op: str
   dtype: str
-  lowering: str | None
+  lowering: str
   rtol: float
   atol: float
   forward: tuple[ErrorStat, ...]
@@ -97,7 +97,7 @@ class VerifyResult:
             and self.numeric_grads in (None, "ok"))
 
   def __str__(self) -> str:
-    head = (f"verify {self.op} [{self.dtype}, lowering={self.lowering or 'current'}, rtol={self.rtol:g}, "
+    head = (f"verify {self.op} [{self.dtype}, lowering={self.lowering}, rtol={self.rtol:g}, "
             f"atol={self.atol:g}]: {'OK' if self.ok else 'FAILED'}")
     rows = [("compared", "shape", "max abs err", "max rel err", "ok")]
     for s in (*self.forward, *self.grads):
@@ -236,7 +236,8 @@ def verify(op, *args, argnums: int | Sequence[int] | None = None, lowering: str 
 
   Compares every output leaf, and the gradients of loss = sum_leaves sum(out * ct) (ct a fixed random
   normal cotangent per floating leaf) w.r.t. the differentiated positional arguments. Both sides run
-  under `jax.jit`; the fast one traced under `lowering` when given.
+  under `jax.jit` with full-precision float32 matmuls (`jax.default_matmul_precision("float32")`, which
+  matters on GPU/TPU only); the fast one traced under `lowering` when given.
 
   Args:
     op: an op name ("conv2d", "max_pool2d", ...) or the `jaxcnn.ops` function itself.
@@ -281,24 +282,24 @@ def verify(op, *args, argnums: int | Sequence[int] | None = None, lowering: str 
         raise ValueError(f"check_grads needs float32 or float64 inputs; {names[i]} is {args[i].dtype}")
 
   floating = [a for a in args if _is_float_array(a)]
-  switch = contextlib.nullcontext()
-  if lowering is not None:
-    from jaxcnn.ops import conv_lowering
-    switch = conv_lowering(lowering)
+  from jaxcnn.ops import conv_lowering, get_conv_lowering
+  switch = contextlib.nullcontext() if lowering is None else conv_lowering(lowering)
 
-  with switch:
+  # Full float32 matmuls and convolutions: GPUs (TF32) and TPUs (bfloat16 passes) otherwise round float32
+  # operands to ~10 or 8 bits by default, and the float32 tolerance checks the op, not that setting.
+  with switch, jax.default_matmul_precision("float32"):
     # The reference output decides the cotangent shapes; a fast op with other shapes fails the compare.
     call_ref, _ = _make_call(ref, args, kwargs)
     cts = _cotangents(jax.eval_shape(call_ref, *(a for a in args if _is_array(a))), seed)
     fast_out, fast_grads = _run(fast, args, diff, kwargs, cts)
     ref_out, ref_grads = _run(ref, args, diff, kwargs, cts)
     numeric = _check_numeric_grads(fast, args, diff, kwargs) if check_grads else None
+    traced_under = get_conv_lowering()
 
-  if floating:
-    dtype = jnp.result_type(*floating)
-  else:
-    dtype = jnp.result_type(*jax.tree_util.tree_leaves(ref_out)) if jax.tree_util.tree_leaves(ref_out) \
-        else jnp.float32
+  # The tolerance follows the floating inputs (else the floating outputs; float32 when there are none).
+  leaves = floating or [leaf for leaf in jax.tree_util.tree_leaves(ref_out)
+                        if jnp.issubdtype(jnp.result_type(leaf), jnp.floating)]
+  dtype = jnp.result_type(*leaves) if leaves else jnp.dtype(jnp.float32)
   if rtol is None or atol is None:
     d_rtol, d_atol = default_tolerance(dtype)
     rtol = d_rtol if rtol is None else rtol
@@ -316,7 +317,8 @@ def verify(op, *args, argnums: int | Sequence[int] | None = None, lowering: str 
       forward.append(_compare("out" if single else f"out[{i}]", a, e, rtol, atol))
   grads = tuple(_compare(f"grad {names[i]}", g, r, rtol, atol)
                 for i, g, r in zip(diff, fast_grads, ref_grads))
-  return VerifyResult(op=name, dtype=jnp.dtype(dtype).name, lowering=lowering, rtol=float(rtol),
+  return VerifyResult(op=name, dtype=jnp.dtype(dtype).name, lowering=traced_under,
+                      rtol=float(rtol),
                       atol=float(atol), forward=tuple(forward), grads=grads, numeric_grads=numeric)
 
 
