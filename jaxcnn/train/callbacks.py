@@ -16,6 +16,8 @@ import sys
 import jax
 import numpy as np
 
+_LOG = logging.getLogger(__name__)
+
 
 class Callback:
   """Base class: override the hooks you need. `stop_training = True` ends fit after this epoch."""
@@ -183,7 +185,7 @@ class Progress:
       self._bar.update(step - self._last)
       self._bar.set_postfix_str(f"epoch {epoch + 1}/{epochs} {text}")
     elif self.mode == "log":
-      logging.info("step %d/%d epoch %d/%d %s", step, self.total, epoch + 1, epochs, text)
+      _LOG.info("step %d/%d epoch %d/%d %s", step, self.total, epoch + 1, epochs, text)
     self._last = step
 
   def close(self) -> None:

@@ -26,6 +26,8 @@ from jaxcnn.errors import CheckpointError
 from jaxcnn.train.optim import _key_name
 from jaxcnn.train.parallel import fetch
 
+_LOG = logging.getLogger(__name__)
+
 _DIGEST_FORMAT = "sha256-v1"
 
 
@@ -197,6 +199,6 @@ class Checkpointer:
                       "mismatch); falling back to the previous checkpoint", stacklevel=2)
         continue
       self.last_good_step = step
-      logging.info("restored checkpoint step %d from %s", step, self.workdir / "checkpoints")
+      _LOG.info("restored checkpoint step %d from %s", step, self.workdir / "checkpoints")
       return state.from_checkpoint(restored)
     return None

@@ -33,6 +33,8 @@ from jaxcnn.train.parallel import AXIS, Layout, fetch, make_layout, maybe_initia
 from jaxcnn.train.state import TrainState, create_train_state, zero_metric_sums
 from jaxcnn.train.step import make_steps, summarize
 
+_LOG = logging.getLogger(__name__)
+
 # Counts traces of the jitted functions by name; tests read it to prove there are no per-epoch recompiles.
 TRACE_COUNTS: dict[str, int] = {}
 
@@ -222,7 +224,7 @@ class _PreemptionFlag:
 
   def _handle(self, signum, frame):
     self.requested = True
-    logging.warning("SIGTERM received: checkpointing at the next step boundary, then stopping")
+    _LOG.warning("SIGTERM received: checkpointing at the next step boundary, then stopping")
 
   def __exit__(self, *exc):
     if self._old is not None:
@@ -238,7 +240,7 @@ def _load_history(workdir: pathlib.Path | None, epochs_done: int) -> dict[str, l
   try:
     saved = json.loads((workdir / "history.json").read_text())
   except ValueError:
-    logging.warning("history.json in %s is unreadable; starting a new history", workdir)
+    _LOG.warning("history.json in %s is unreadable; starting a new history", workdir)
     return {}
   return {k: list(v)[:epochs_done] for k, v in saved.items()}
 
@@ -313,7 +315,7 @@ def fit(model, train_data, *, config, workdir=None, val_data=None, callbacks: Se
   global_step = int(fetch(host_state.step))
   history = _load_history(workdir, start_epoch)
   if global_step:
-    logging.info("resuming at step %d (epoch %d, batch %d)", global_step, start_epoch + 1, start_step)
+    _LOG.info("resuming at step %d (epoch %d, batch %d)", global_step, start_epoch + 1, start_step)
 
   callbacks = list(callbacks)
   if workdir is not None:
@@ -397,7 +399,7 @@ def fit(model, train_data, *, config, workdir=None, val_data=None, callbacks: Se
         if preemption.requested:
           _stop_preempted(checkpointer, layout, state)
         if stop:
-          logging.info("stopping early after epoch %d", epoch + 1)
+          _LOG.info("stopping early after epoch %d", epoch + 1)
           break
   except jax.errors.JaxRuntimeError as err:
     if multi:

@@ -23,6 +23,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxcnn.errors import ConfigError, DistributedError
 
+_LOG = logging.getLogger(__name__)
+
 AXIS = "data"
 _ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
@@ -76,7 +78,7 @@ def maybe_initialize_distributed(init_timeout_s: int = 60, heartbeat_timeout_s: 
                              "data pipelines)") from err
     raise DistributedError(f"multi-process: could not join the job at "
                            f"{os.environ.get('JAX_COORDINATOR_ADDRESS', 'TPU metadata')}: {err}") from err
-  logging.info("joined multi-process job: process %d of %d, %d devices in all",
+  _LOG.info("joined multi-process job: process %d of %d, %d devices in all",
                jax.process_index(), jax.process_count(), jax.device_count())
   return True
 

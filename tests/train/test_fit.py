@@ -17,7 +17,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from _train_models import make_arrays, make_data, make_model  # noqa: E402
 
 from jaxcnn import train  # noqa: E402
-from jaxcnn.errors import CheckpointError, ConfigError, NonFiniteError  # noqa: E402
+from jaxcnn.errors import ConfigError, NonFiniteError  # noqa: E402
 
 HERE = pathlib.Path(__file__).resolve().parent
 WORKER = HERE / "_fit_worker.py"
