@@ -80,6 +80,19 @@ def test_resume_at_epoch_boundary_is_bitwise(straight, data, tmp_path):
   assert resumed.history == straight[0].history
 
 
+def test_run_on_four_devices_continues_on_one(straight, data, tmp_path):
+  """A finished 4-device run's workdir resumes under parallel="none" for one more epoch."""
+  import shutil
+  workdir = tmp_path / "run"
+  shutil.copytree(straight[1], workdir)
+  more = train.fit(make_model(), data[0], config={**CONFIG, "epochs": 4, "parallel": "none"}, workdir=workdir,
+                   val_data=data[1])
+  assert more.history["epoch"] == [1, 2, 3, 4]
+  assert more.history["loss"][:3] == straight[0].history["loss"]
+  assert int(more.state.step) == 16
+  assert more.state.params["dense"]["kernel"].sharding.device_set == {jax.devices()[0]}
+
+
 def _start_worker(out, workdir, *extra):
   env = dict(os.environ, PYTHONPATH=str(REPO))
   for key in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
