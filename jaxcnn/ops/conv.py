@@ -11,12 +11,14 @@ Lowerings (chosen at trace time, see `set_conv_lowering`):
   "auto"    "im2col" on CPU, "xla" elsewhere (the default).
 
 Why im2col on CPU: XLA's CPU convolution is slow for the small-channel convs of typical CNNs, and about
-9x slower again inside `lax.scan` (a 20-step scanned training loop of a small CNN ran 2.2 steps/s with
-`conv_general_dilated` against 31-40 with im2col, on par with PyTorch's 35-38). The matmul it reduces
-to is well optimised everywhere, and slices and concatenations fuse.
+9x slower again inside `lax.scan` (measured on a 2-core CPU host: a 20-step scanned training loop of a
+small CNN ran 2.2 steps/s with `conv_general_dilated` against 31-40 with im2col, on par with PyTorch's
+35-38). The matmul it reduces to is well optimised everywhere, and slices and concatenations fuse.
 
 Both lowerings keep the input dtype, accumulate low-precision (bfloat16/float16) inputs in float32
-(`preferred_element_type`), add the bias in the accumulator dtype and cast back once.
+(`preferred_element_type`), add the bias in the accumulator dtype and cast back once. One exception:
+im2col's input gradient adds the kh*kw per-tap contributions in the input dtype (it is the transpose of
+the slices), so for bfloat16 it carries a few more bfloat16 roundings than the XLA lowering.
 """
 from __future__ import annotations
 
