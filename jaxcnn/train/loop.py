@@ -95,8 +95,7 @@ def _resolve_data(train_data, val_data, config):
       raise ConfigError("fit: give either config.validation_split or val_data, not both")
     if n_val:
       # Keras convention: the last fraction of the arrays, before any shuffling, is held out.
-      val_data = data_lib.from_arrays(images[-n_val:], labels[-n_val:], batch_size=config.batch_size,
-                                      seed=config.seed, shuffle=False)
+      val_data = (images[-n_val:], labels[-n_val:])
       images, labels = images[:-n_val], labels[:-n_val]
     train_data = data_lib.from_arrays(images, labels, batch_size=config.batch_size, seed=config.seed,
                                       shuffle=config.shuffle)
@@ -105,9 +104,10 @@ def _resolve_data(train_data, val_data, config):
                       "val_data (or build it with the data layer's validation_split)")
   if isinstance(val_data, tuple):
     from jaxcnn import data as data_lib
+    # Validation data is normalised with the training statistics, never its own.
     val_data = data_lib.from_arrays(np.asarray(val_data[0]), np.asarray(val_data[1]),
                                     batch_size=config.batch_size or train_data.batch_size, seed=config.seed,
-                                    shuffle=False)
+                                    shuffle=False, stats=getattr(train_data, "stats", None))
   _check_pipeline(train_data, "train_data")
   if val_data is not None:
     _check_pipeline(val_data, "val_data")

@@ -191,6 +191,20 @@ def test_tuple_data_with_validation_split():
     train.fit(make_model(), (images, labels), config=dict(epochs=1))
 
 
+def test_tuple_validation_is_normalised_with_training_statistics():
+  # The held-out slice must be standardised with the training split's mean/std, never its own: a
+  # validation set shifted by +60 grey levels keeps that shift after normalisation.
+  from jaxcnn.train import loop
+  images, labels = make_arrays(80)
+  images[-16:] = np.clip(images[-16:].astype(np.int32) + 60, 0, 255).astype(np.uint8)
+  config = train.validate_config(dict(epochs=1, batch_size=16, validation_split=0.2))
+  train_data, val_data = loop._resolve_data((images, labels), None, config)
+  for key in ("mean", "std"):
+    np.testing.assert_array_equal(np.asarray(val_data.stats[key]), np.asarray(train_data.stats[key]))
+  val_mean = float(np.mean(np.asarray(next(iter(val_data.batches(0)))["image"])))
+  assert val_mean > 0.3, val_mean
+
+
 def test_evaluate_counts_padded_batches_exactly(data):
   model = make_model()
   state = train.create_train_state(model, (8, 8, 1), {})
