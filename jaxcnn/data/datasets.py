@@ -146,11 +146,18 @@ def _raw_layout(name: str, kind: str, files) -> tuple[tuple, tuple]:
 
 def _validate_raw(name: str, kind: str, raw_dir: pathlib.Path, files):
   """Reads both splits fully, raising the DataError that names a bad file before anything is written."""
+  by_name = {(f.name[:-3] if f.suffix == ".gz" else f.name): f for f in files}
+  shapes = {}
   for split in ("train", "test"):
     if kind == "cifar10_bin":
       idx.read_cifar10_split(raw_dir, split)
     else:
-      idx.read_idx_split({(f.name[:-3] if f.suffix == ".gz" else f.name): f for f in files}, split, name)
+      shapes[split] = idx.read_idx_split(by_name, split, name)[0].shape[1:]
+  if kind != "cifar10_bin" and shapes["train"] != shapes["test"]:
+    # One prepared dataset holds one image shape; a test file of another size is the wrong file.
+    test_file, train_file = by_name[idx.IDX_FILES["test"][0]], by_name[idx.IDX_FILES["train"][0]]
+    raise DataError(f"{test_file}: images are {shapes['test'][0]}x{shapes['test'][1]} but {train_file.name} "
+                    f"holds {shapes['train'][0]}x{shapes['train'][1]} images")
 
 
 def _prepare_raw(name: str, kind: str, raw_dir: pathlib.Path, files, tfds_dir):

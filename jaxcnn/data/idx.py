@@ -159,6 +159,10 @@ def read_idx_split(files: dict[str, pathlib.Path], split: str, dataset: str) -> 
     path = files[name]
     content = read_bytes(path)
     array = _parse_idx(path, content, magic, ndim)
+    if array.shape[0] == 0:
+      raise DataError(f"{path}: holds no examples (the header's count is 0)")
+    if ndim == 3 and 0 in array.shape[1:]:
+      raise DataError(f"{path}: images are {array.shape[1]}x{array.shape[2]} (a zero dimension)")
     if known is not None:
       count = array.shape[0]
       if count != known.counts[split]:
