@@ -142,7 +142,8 @@ def run(name: str, get_config: Callable[[], Any], main: Callable[[Any, pathlib.P
     try:
       main(config, workdir)
     except errors.JaxcnnError as err:
-      print(f"error: {err}", file=sys.stderr)
+      # Exit code 0 is a clean stop (a preempted run saved its checkpoint), not an error.
+      print(f"error: {err}" if err.exit_code else str(err), file=sys.stderr)
       sys.exit(err.exit_code)
     except KeyboardInterrupt:
       print("interrupted", file=sys.stderr)
