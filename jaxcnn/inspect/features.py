@@ -65,8 +65,12 @@ def feature_maps(model: nn.Module, variables: Mapping, x, *,
   def wanted(module: nn.Module, method_name: str) -> bool:
     return method_name == "__call__" and isinstance(module, types)
 
-  _, captured = model.apply(dict(variables), x, train=False, capture_intermediates=wanted,
-                            mutable=["intermediates"])
+  # One compiled program: op-by-op dispatch would compile every primitive of the model separately.
+  @jax.jit
+  def capture(variables, x):
+    return model.apply(variables, x, train=False, capture_intermediates=wanted, mutable=["intermediates"])[1]
+
+  captured = capture(dict(variables), x)
   maps = {}
   for path, outputs in _flatten(captured.get("intermediates", {})):
     if not path:  # the model itself, when it is one of the wanted types
