@@ -113,13 +113,19 @@ def plot_history(history: Mapping[str, Sequence[float]], path, *, title: str = "
   fig = Figure(figsize=(5.5 * len(panels), 4.2), layout="constrained")
   for i, (key, name, ylabel) in enumerate(panels):
     ax = fig.add_subplot(1, len(panels), i + 1)
-    for prefix, label, style in (("", "training", "o-"), ("val_", "validation", "s--")):
-      values = _series(history, prefix + key, epochs)
-      if values is not None:
-        ax.plot(x, values, style, label=label)
-        # The last value, written beside its marker: curves of a few epochs are read for their end point.
-        ax.annotate(f"{values[-1]:.4f}", (x[-1], values[-1]), textcoords="offset points", xytext=(4, 4),
-                    fontsize=8)
+    curves = [(label, style, _series(history, prefix + key, epochs))
+              for prefix, label, style in (("", "training", "o-"), ("val_", "validation", "s--"))]
+    curves = [c for c in curves if c[2] is not None]
+    top = max(values[-1] for _, _, values in curves)
+    for label, style, values in curves:
+      ax.plot(x, values, style, label=label)
+      # The last value beside its marker, the higher curve's label above it and the lower one's below,
+      # so close end points stay readable: curves of a few epochs are read for their end point.
+      above = values[-1] == top
+      ax.annotate(f"{label} {values[-1]:.4f}", (x[-1], values[-1]), textcoords="offset points",
+                  xytext=(-4 if epochs > 1 else 4, 6 if above else -12), fontsize=8,
+                  ha="right" if epochs > 1 else "left")
+    ax.margins(x=0.05, y=0.12)  # room for the end-point labels inside the axes
     ax.set_title(f"{name} per epoch")
     ax.set_xlabel("epoch")
     ax.set_ylabel(ylabel)
