@@ -180,9 +180,10 @@ def main(config: ml_collections.ConfigDict, workdir) -> dict[str, Any]:
   for row in rows:
     print(f"{row['filter']:<22}{row['input']:<20}{str(tuple(row['kernel_shape'])):<16}"
           f"{row['max_abs_difference']:>24.3e}")
+  subject = "Grace Hopper" if config.image == "grace_hopper.jpg" else pathlib.Path(config.image).name
   figure = plot_images(images, titles, workdir / "filters.png", cols=config.cols,
-                       title="Grace Hopper through hand-made 3x3 filters (responses: 0 = grey, clipped at the 99.5th percentile of |response|)"
-                       if config.image == "grace_hopper.jpg" else "Hand-made 3x3 filters")
+                       title=f"{subject} through hand-made 3x3 filters (responses: 0 = grey, clipped at the "
+                       "99.5th percentile of |response|)")
   summary = {
       "image": config.image, "image_shape": list(colour.shape), "padding": config.padding, "filters": rows,
       "max_abs_difference": max(r["max_abs_difference"] for r in rows),

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import pathlib
 import time
 from typing import Any
@@ -360,11 +359,12 @@ def save_figures(workdir: pathlib.Path, history: dict, model, variables, evaluat
   paths.append(plot_confusion_matrix(cm, class_names, workdir / "confusion_matrix.png",
                                      title=f"{title}: test confusion matrix"))
   kernel = _first_conv_kernel(variables["params"])
-  if kernel is not None:
-    paths.append(plot_filters(kernel, workdir / "filters.png", title=f"{title}: first-layer filters"))
-  batch = evaluation["first_batch"]
-  index = min(config.feature_map_index, batch.shape[0] - 1)
-  image = batch[index:index + 1]
+  if kernel is None:
+    print(f"{config.model} has no 2-D convolution: filters.png and feature_maps.png are not drawn")
+    return paths
+  paths.append(plot_filters(kernel, workdir / "filters.png", title=f"{title}: first-layer filters"))
+  index = config.feature_map_index
+  image = evaluation["first_batch"][index:index + 1]
   maps = feature_maps(model, variables, image)
   label = class_names[int(evaluation["labels"][index])]
   predicted = class_names[int(evaluation["predictions"][index])]
@@ -416,6 +416,9 @@ def run_classifier(config: ml_collections.ConfigDict, workdir, *, benchmark: dic
   check_config(config)
   data = load_data(config)
   data_seconds = time.perf_counter() - started
+  if config.feature_map_index >= min(data.test.num_examples, config.eval_batch_size):
+    raise ConfigError(f"config: feature_map_index={config.feature_map_index} must index the first test batch "
+                      f"(< {min(data.test.num_examples, config.eval_batch_size)})")
   model, table = build_model(config, data)
   print(f"{title}: {config.epochs} epoch(s), batch {config.batch_size}, {config.optimizer} "
         f"lr {config.learning_rate:g} ({config.schedule}), seed {config.seed}")

@@ -172,6 +172,12 @@ def test_bad_config_values_raise_config_error_before_writing(tmp_path, key, valu
   assert not (tmp_path / "run").exists()
 
 
+def test_feature_map_index_must_fall_in_the_first_test_batch(tiny_digits, tmp_path):
+  with pytest.raises(ConfigError, match="feature_map_index=32 must index the first test batch"):
+    mnist.main(_config(tiny_digits, feature_map_index=32), tmp_path / "run")
+  assert not (tmp_path / "run").exists()
+
+
 def test_a_reconstruction_model_is_refused(tmp_path):
   config = mnist.get_config()
   config.model = "conv_autoencoder"
