@@ -1,5 +1,8 @@
 """Tiny IDX datasets for the experiment smoke runs: the first examples of real files, re-packed.
 
+(A helper module with a unique name rather than a conftest.py: other test folders import their own
+conftest by name, which a second tests/**/conftest.py would shadow.)
+
 A dataset name the data layer does not know (e.g. "tiny_digits") skips its full-size count and checksum
 checks, so a few hundred real images go through exactly the path a full dataset takes (raw IDX dir ->
 tfds preparation -> arrays -> pipelines), in seconds.
@@ -11,6 +14,7 @@ import pathlib
 import struct
 
 import numpy as np
+import pytest
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 SHIPPED_MNIST = REPO_ROOT / "experiments" / "data" / "mnist"
@@ -40,3 +44,11 @@ def write_tiny_idx(source: pathlib.Path, target: pathlib.Path, counts: dict[str,
   return target
 
 
+
+
+@pytest.fixture(scope="session")
+def tiny_digits(tmp_path_factory) -> dict[str, str]:
+  """Config overrides for a 320/96-example slice of the shipped MNIST, named "tiny_digits"."""
+  root = tmp_path_factory.mktemp("tiny_digits")
+  write_tiny_idx(SHIPPED_MNIST, root / "tiny_digits", {"train": 320, "test": 96})
+  return {"dataset": "tiny_digits", "data_dir": str(root), "tfds_data_dir": str(root / "tfds")}

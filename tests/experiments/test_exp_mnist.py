@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+from _exp_tiny_idx import tiny_digits  # noqa: F401  (fixture)
 from PIL import Image
 
 from experiments import _runner, mnist
