@@ -8,8 +8,10 @@ output folded into the loss) learns to return the clean digit under binary cross
 test reconstruction loss and the PSNR of noisy vs denoised test images against the clean ones, and
 draws clean / noisy / denoised rows (denoised.png) and the loss curves (loss.png).
 
-Measured with the defaults (5 epochs, batch 128, Adam 1e-3, all 60,000 training images): see the
-README's experiment table (filled in from summary.json of the by-hand run).
+Measured with the defaults (5 epochs, batch 128, Adam 1e-3, all 60,000 training and 10,000 test
+images): test binary cross-entropy 0.1435 per pixel; PSNR against the clean digits 9.38 dB for the noisy
+inputs and 16.11 dB for the denoised outputs. About 1.1 CPU-minutes per epoch (the run took ~25 min
+wall on a 2-core CPU shared with several other jobs).
 
 Outputs in the workdir: summary.json (config, device, results), history.json (per-epoch loss,
 val_loss), denoised.png, loss.png, checkpoints/ (a re-run with the same workdir resumes).
