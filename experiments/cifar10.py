@@ -19,8 +19,9 @@ example this recipe comes from states 75% test accuracy after 25 epochs and 79% 
 26.5M multiply-adds per image forward (~4e12 per training epoch with the backward pass), minutes per
 epoch on a CPU: use an accelerator for the full recipe, or `--config.train_examples=` for a quick look.
 
-Outputs in the workdir: summary.json (config, device, results), history.json, curves.png (loss and
-accuracy per epoch), checkpoints/ (a re-run with the same workdir resumes).
+Outputs in the workdir: summary.json (config, device, results), history.json, history.png (loss and
+accuracy per epoch), confusion_matrix.png, filters.png, feature_maps.png, checkpoints/ (a re-run with
+the same workdir resumes).
 """
 from __future__ import annotations
 
@@ -51,6 +52,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.dense_dropout = 0.5
   config.seed = 0
   config.log_every = 200          # steps between progress reports (and host syncs)
+  config.eval_batch_size = 500
+  config.feature_map_index = 0    # the test image whose feature maps are drawn
   return config
 
 
@@ -71,30 +74,9 @@ def load_split(resolved, split: str, count: int):
   return images, labels
 
 
-def plot_history(path, history: dict, *, title: str) -> None:
-  """Loss and accuracy per epoch, training vs validation, side by side."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-  epochs = history["epoch"]
-  for ax, metric, label in ((axes[0], "loss", "cross-entropy loss"), (axes[1], "accuracy", "accuracy")):
-    if metric in history:
-      ax.plot(epochs, history[metric], "o-", label="training (augmented)")
-    if f"val_{metric}" in history:
-      ax.plot(epochs, history[f"val_{metric}"], "s-", label="test")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(label)
-    ax.grid(alpha=0.3)
-    ax.legend()
-  fig.suptitle(title, fontsize=12)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-
-
 def main(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
-  """Trains the CIFAR-10 CNN, writes the summary and curves; returns the results."""
+  """Trains the CIFAR-10 CNN, writes the summary and figures; returns the results."""
+  from experiments import mnist
   from jaxcnn import data, models, train
   from jaxcnn.errors import DataError
   started = time.time()
@@ -115,7 +97,7 @@ def main(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
   # same statistics for the test images.
   train_data = data.from_arrays(train_images, train_labels, batch_size=config.batch_size, seed=config.seed,
                                 augment=augment, normalize="featurewise", class_names=resolved.class_names)
-  test_data = data.from_arrays(test_images, test_labels, batch_size=config.batch_size, seed=config.seed,
+  test_data = data.from_arrays(test_images, test_labels, batch_size=config.eval_batch_size, seed=config.seed,
                                shuffle=False, normalize="featurewise", stats=train_data.stats,
                                class_names=resolved.class_names)
 
@@ -126,18 +108,20 @@ def main(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
                     learning_rate=config.learning_rate, seed=config.seed, log_every=config.log_every)
   result = train.fit(model, train_data, config=fit_config, workdir=workdir, val_data=test_data)
 
-  final = train.evaluate(result.state, model, test_data)
-  results = {"test_accuracy": final["accuracy"], "test_loss": final["loss"],
-             "train_examples": int(train_data.num_examples), "test_examples": int(test_data.num_examples),
+  # report: test loss and accuracy, the figures experiments.mnist draws (curves, confusion matrix,
+  # first-layer filters, feature maps)
+  variables = result.state.variables()
+  evaluation = mnist.predict(model, variables, test_data)
+  results = {"test_accuracy": evaluation["accuracy"], "test_loss": evaluation["loss"],
+             "train_examples": int(train_data.num_examples), "test_examples": evaluation["count"],
              "epochs_completed": len(result.history.get("epoch", [])), "data_source": resolved.source}
-  logging.info("CIFAR-10 test accuracy %.4f (loss %.4f)", final["accuracy"], final["loss"])
-  if result.history.get("epoch"):
-    plot_history(workdir / "curves.png", result.history,
-                 title=f"CIFAR-10 CNN: test accuracy {final['accuracy']:.3f} after "
-                       f"{results['epochs_completed']} epochs ({results['train_examples']} training images)")
+  logging.info("CIFAR-10 test accuracy %.4f (loss %.4f)", evaluation["accuracy"], evaluation["loss"])
+  figures = mnist.save_figures(workdir, result.history, model, variables, evaluation, list(train_data.class_names),
+                               config, title=f"CIFAR-10 CNN ({results['train_examples']} training images)")
   _runner.write_json(workdir / "summary.json", {
       "experiment": "cifar10", "config": config.to_dict(), "device": _runner.device_info(),
-      "results": results, "wall_time_s": round(time.time() - started, 1), "figures": ["curves.png"]})
+      "results": results, "wall_time_s": round(time.time() - started, 1),
+      "figures": [p.name for p in figures]})
   return results
 
 

@@ -19,7 +19,7 @@ def _tiny_config(tmp_path, **overrides):
   empty = tmp_path / "empty"
   empty.mkdir(exist_ok=True)
   config.update({**dict(data_dir=str(empty), tfds_data_dir=str(tmp_path / "tfds"), epochs=1, batch_size=8,
-                        log_every=2), **overrides})
+                        eval_batch_size=8, log_every=2), **overrides})
   return config
 
 
@@ -47,7 +47,9 @@ def test_runs_end_to_end_on_mock_data(tmp_path, mock_cifar10):
   assert summary["config"]["shift_range"] == 0.1 and summary["config"]["horizontal_flip"] is True
   history = json.loads((workdir / "history.json").read_text())
   assert history["epoch"] == [1] and len(history["val_accuracy"]) == 1
-  assert (workdir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert {"history.png", "confusion_matrix.png", "filters.png"} <= set(summary["figures"])
+  for figure in summary["figures"]:
+    assert (workdir / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   with pytest.raises(ConfigError, match=r"config: test_examples=25 exceeds the 24 test images"):
     cifar10.main(_tiny_config(tmp_path, test_examples=25), tmp_path / "too_many")
 
