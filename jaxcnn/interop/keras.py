@@ -62,6 +62,12 @@ def _array(dataset, path, where) -> np.ndarray:
     raise DataError(f"{path}: {where} is not a dataset")
   if dataset.dtype.kind not in "fiu":
     raise DataError(f"{path}: {where} holds {dataset.dtype}, not numbers")
+  # HDF5 can point a dataset at another file (external link), at raw bytes of any file (external
+  # storage) or at other datasets (virtual): a weight must come from this file itself.
+  if pathlib.Path(dataset.file.filename).resolve() != pathlib.Path(path).resolve():
+    raise DataError(f"{path}: {where} links to another file ({dataset.file.filename}); refusing it")
+  if dataset.external or dataset.is_virtual:
+    raise DataError(f"{path}: {where} keeps its data in external files; refusing it")
   return np.asarray(dataset[()])
 
 
