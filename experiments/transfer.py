@@ -275,6 +275,9 @@ def main(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     raise ConfigError(f"config: cases={config.cases!r}: expected a comma-separated subset of {', '.join(CASES)}")
   early_layers = tuple(layer.strip() for layer in str(config.early_layers).split(",") if layer.strip())
   tasks = load_tasks(config, {CASES[c][0] for c in cases})
+  for name in cases:  # sizes are checked before anything is trained
+    domain, size, _ = CASES[name]
+    _take(*tasks[domain]["train"], config[f"{size}_examples"], f"{size}_examples")
   workdir.mkdir(parents=True, exist_ok=True)
 
   # source: pretrain on MNIST digits 0-4

@@ -98,3 +98,4 @@ def test_bad_config(tmp_path):
     transfer.main(_tiny_config(cases="small,large"), tmp_path / "run")
   with pytest.raises(ConfigError, match=r"config: small_examples=40000 exceeds the \d+ images available"):
     transfer.main(_tiny_config(cases="small_similar", small_examples=40000), tmp_path / "run")
+  assert not (tmp_path / "run").exists()  # refused before pretraining
