@@ -245,8 +245,8 @@ def plot_cases(path, cases: dict, *, title: str) -> None:
   if all(cases[n].get("scratch_accuracy") is not None for n in names):
     bars = ax.bar(x + width / 2, [cases[n]["scratch_accuracy"] for n in names], width, label="from scratch")
     ax.bar_label(bars, fmt="%.3f", fontsize=9)
-  labels = [f"{n.replace('_', ' + ')}\n{cases[n]['train_examples']} images, "
-            f"{'head only' if cases[n]['trained'] == 'head' else 'early frozen' if cases[n]['trained'] == 'late' else 'fine-tune all'}"
+  short = {"head": "head only", "late": "early frozen", "all": "fine-tune all"}
+  labels = [f"{n.replace('_', ' + ')}\n{cases[n]['train_examples']} images, {short[cases[n]['trained']]}"
             for n in names]
   ax.set_xticks(x, labels, fontsize=9)
   ax.set_xlabel("case (target data size + similarity to the source; what is trained)")
