@@ -35,8 +35,8 @@ _NOT_FOR_FIT = ("validation_split",)
 
 def mnist_fast_cnn(num_classes: int = 10, bn_momentum: float = 0.9, axis_name: str | None = None,
                    dropout: float = 0.3):
-  """The default model: `mnist_bn_cnn` with its first pooling moved up, ~5.65M multiply-adds per image
-  (58% of mnist_bn_cnn's 9.8M), so three epochs fit the 2-core CPU budget (188,522 trainable parameters):
+  """The default model: `mnist_bn_cnn` with its first pooling moved up, 5.54M multiply-adds per image
+  (57% of mnist_bn_cnn's 9.8M), so three epochs fit the 2-core CPU budget (188,522 trainable parameters):
 
     Conv2D(32, 3) -> BatchNorm -> ReLU -> MaxPool2D(2)              28 -> 26 -> 13
     [Conv2D(64, 3) -> BatchNorm -> ReLU] x 2 -> MaxPool2D(2)        13 -> 11 -> 9 -> 4
