@@ -2,7 +2,10 @@
 
   python -m experiments.fashion_mnist [--workdir=runs/fashion_mnist/NAME] [--config.data_dir=DIR]
 
-MEASURED_RESULT
+Reaches 92.22% test accuracy with the default config (`mnist_fast_cnn`, 6 epochs), against 91.6-92.5%
+for the benchmark's two-convolution CNNs, measured 2026-11-21. The run used 265 CPU-seconds, an
+estimated 2.5 minutes on an idle 2-core CPU (13 min 49 s measured on the shared, heavily loaded
+2-core machine).
 
 The same machinery as `experiments.mnist` (data -> registry model -> fit -> test evaluation ->
 figures -> summary.json); only the data and the training length differ. Fashion-MNIST does not ship
@@ -31,7 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.dataset = "fashion_mnist"
   c.data_dir = ""              # $JAXCNN_DATA_DIR, /usr/share/datasets/fashion-mnist, then tfds
   c.epochs = 6
-  c.warmup_steps = 250         # ~10% of the run's 2,532 steps
+  c.warmup_steps = 250         # ~10% of the run's 6 x 445 steps
   c.width_shift_range = 0.0
   c.height_shift_range = 0.0
   return c
