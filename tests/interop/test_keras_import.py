@@ -250,9 +250,9 @@ def _randomise(model, seed):
   for weight in model.get_weights():
     if weight.ndim > 1:
       fan_in = int(np.prod(weight.shape[:-1]))
-      new.append((rng.normal(size=weight.shape) * np.sqrt(2.0 / fan_in)).astype(np.float32))
+      new.append(rng.standard_normal(weight.shape, dtype=np.float32) * np.float32(np.sqrt(2.0 / fan_in)))
     else:
-      new.append((0.1 * rng.normal(size=weight.shape)).astype(np.float32))
+      new.append(rng.standard_normal(weight.shape, dtype=np.float32) * np.float32(0.1))
   model.set_weights(new)
 
 
@@ -301,7 +301,7 @@ def test_textbook_cifar_cnn_reproduces_keras(tmp_path):
   template = jax.eval_shape(ours.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
   for path in _save_all_layouts(keras, model, tmp_path):
     variables = load_keras_weights(path, template)
-    _check_predictions(ours.apply(variables, jnp.asarray(x)), expected)
+    _check_predictions(jax.jit(ours.apply)(variables, jnp.asarray(x)), expected)
 
 
 @pytest.mark.oracle
@@ -319,7 +319,7 @@ def test_vgg16_reproduces_keras_applications(tmp_path):
   ours = models.get("vgg16", num_classes=10, input_shape=(64, 64, 3))
   template = jax.eval_shape(ours.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
   variables = load_keras_weights(path, template)
-  _check_predictions(ours.apply(variables, jnp.asarray(x)), expected)
+  _check_predictions(jax.jit(ours.apply)(variables, jnp.asarray(x)), expected)
 
   # The headless backbone file (as keras.applications ships for transfer learning) loads into
   # include_top=False; into the full model it reports the missing head.
@@ -328,7 +328,7 @@ def test_vgg16_reproduces_keras_applications(tmp_path):
   headless_path = tmp_path / "vgg16_notop.weights.h5"
   headless.save_weights(headless_path)
   backbone = models.get("vgg16", include_top=False)
-  features = backbone.apply(load_keras_weights(headless_path, jax.eval_shape(
+  features = jax.jit(backbone.apply)(load_keras_weights(headless_path, jax.eval_shape(
       backbone.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))), jnp.asarray(x))
   _check_predictions(features, np.asarray(headless(x, training=False)))
   with pytest.raises(DataError, match=r"missing from the file: fc1, fc2, predictions$"):
