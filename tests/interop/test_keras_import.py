@@ -333,3 +333,28 @@ def test_vgg16_reproduces_keras_applications(tmp_path):
   _check_predictions(features, np.asarray(headless(x, training=False)))
   with pytest.raises(DataError, match=r"missing from the file: fc1, fc2, predictions$"):
     load_keras_weights(headless_path, template)
+
+
+def test_nested_keras3_models_name_layers_by_path(tmp_path):
+  """Keras 3 writes a nested model as layers/<key>/layers/<key>/vars (checked against Keras 3.15)."""
+  path = tmp_path / "nested.weights.h5"
+  kernel, bias, head = (np.full(shape, value, np.float32) for shape, value in
+                        (((3, 3, 3, 4), 1.0), ((4,), 2.0), ((144, 2), 3.0)))
+  with h5py.File(path, "w") as handle:
+    handle.create_group("layers/dense/vars").attrs["name"] = "head"
+    handle["layers/dense/vars"].create_dataset("0", data=head)
+    handle["layers/dense/vars"].create_dataset("1", data=np.zeros(2, np.float32))
+    handle.create_group("layers/sequential/vars").attrs["name"] = "backbone"
+    inner = handle.create_group("layers/sequential/layers/conv2d/vars")
+    inner.attrs["name"] = "conv"
+    inner.create_dataset("0", data=kernel)
+    inner.create_dataset("1", data=bias)
+  read = read_keras_weights(path)
+  assert sorted(read) == ["backbone/conv", "head"]
+  template = {"params": {"backbone": {"conv": {"kernel": jax.ShapeDtypeStruct((3, 3, 3, 4), jnp.float32),
+                                               "bias": jax.ShapeDtypeStruct((4,), jnp.float32)}},
+                         "head": {"kernel": jax.ShapeDtypeStruct((144, 2), jnp.float32),
+                                  "bias": jax.ShapeDtypeStruct((2,), jnp.float32)}}}
+  variables = load_keras_weights(path, template)
+  np.testing.assert_array_equal(variables["params"]["backbone"]["conv"]["bias"], bias)
+  np.testing.assert_array_equal(variables["params"]["head"]["kernel"], head)
