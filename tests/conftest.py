@@ -8,7 +8,12 @@ import os
 import pathlib
 import sys
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+# 4 host devices for the data-parallel tests. On a loaded 2-core machine the 4 device threads of one
+# cross-device sum can be scheduled far apart; XLA's CPU collectives abort the process after 40 s by
+# default, so the tests allow 5 minutes before calling a collective stuck.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4 "
+                      "--xla_cpu_collective_call_terminate_timeout_seconds=300 "
+                      "--xla_cpu_collective_timeout_seconds=300")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
