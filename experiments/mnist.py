@@ -475,7 +475,7 @@ def run_classifier(config: ml_collections.ConfigDict, workdir, *, benchmark: dic
       "batch_size": config.batch_size, "parameters": table.total_params,
       "trainable_parameters": table.trainable_params, "data_source": data.source,
       "data_seconds": data_seconds, **timing,
-      "reevaluated": complete, "resumed_from_epoch": done_before,
+      "reevaluated": trained_steps <= 0, "resumed_from_epoch": done_before,
       "wall_seconds": time.perf_counter() - started,
       "wall_seconds_since_process_start": time.time() - _runner.PROCESS_START,
       **_runner.device_info(), "figures": [p.name for p in figures],
@@ -505,11 +505,16 @@ def _print_report(summary: dict, workdir: pathlib.Path) -> None:
     print(f"benchmark: {bench['name']} reaches {100 * low:.1f}-{100 * high:.1f}%; this run "
           f"{100 * summary['test_accuracy']:.2f}% ({100 * bench['difference_to_low']:+.2f} / "
           f"{100 * bench['difference_to_high']:+.2f} points)")
-  if summary.get("images_per_second"):
+  where = f"{summary['device_count']} {summary['device_kind']} device(s)"
+  if summary["reevaluated"]:
+    print(f"time: {summary['wall_seconds']:.1f} s to restore and re-evaluate on {where}")
+    if summary.get("images_per_second") is not None:
+      print(f"the training run took: fit {summary['train_seconds']:.1f} s of which compile "
+            f"{summary['compile_seconds']:.1f} s, {summary['images_per_second']:.0f} images/s after compilation")
+  else:
     print(f"time: {summary['wall_seconds']:.1f} s in main (data {summary['data_seconds']:.1f} s, fit "
           f"{summary['train_seconds']:.1f} s of which compile {summary['compile_seconds']:.1f} s, "
-          f"{summary['images_per_second']:.0f} images/s after compilation) on {summary['device_count']} "
-          f"{summary['device_kind']} device(s)")
+          f"{summary['images_per_second']:.0f} images/s after compilation) on {where}")
   files = sorted(p.name + ("/" if p.is_dir() else "") for p in workdir.iterdir() if not p.name.endswith(".tmp"))
   print(f"files in {workdir}: {', '.join(files)}")
 
