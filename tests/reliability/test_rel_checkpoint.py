@@ -256,15 +256,22 @@ def test_other_model_or_optimizer_is_refused_by_fit_with_shapes_listed(tmp_path,
 
 
 def test_other_model_workdir_is_refused_by_the_experiment_command(tmp_path_factory, tmp_path):
+  from experiments import mnist
+  from jaxcnn import models
   digits = write_tiny_mnist(tmp_path_factory.mktemp("digits"), train=96, test=32)
   workdir = tmp_path / "run"
-  first = mnist_cli(workdir, digits, "--config.model=mnist_convnet")
-  assert first.returncode == 0, first.stderr[-3000:]
-  history = (workdir / "history.json").read_text()
-  other = mnist_cli(workdir, digits, "--config.model=mnist_bn_cnn", "--config.epochs=2")
+  # A workdir holding a checkpoint of the experiment's own config with another model (mnist_convnet).
+  config = mnist._fit_config(mnist.get_config())
+  checkpointer = train.Checkpointer(workdir, async_save=False)
+  try:
+    checkpointer.save(train.create_train_state(models.get("mnist_convnet"), (28, 28, 1), config))
+  finally:
+    checkpointer.close()
+  before = _snapshot(workdir)
+  other = mnist_cli(workdir, digits, "--config.model=mnist_bn_cnn")
   assert other.returncode == 2, other.stderr[-3000:]
   lines = other.stderr.strip().splitlines()
   assert "Traceback" not in other.stderr
-  assert lines[-1].startswith("error: checkpoint ") and "belongs to another model/config" in lines[-1]
+  assert lines[-1].startswith("error: checkpoint ") and "belongs to another model/config" in lines[-1], lines[-1]
   assert "checkpoint (" in lines[-1] and "vs model (" in lines[-1] or "missing in checkpoint" in lines[-1]
-  assert (workdir / "history.json").read_text() == history
+  assert _snapshot(workdir) == before  # nothing restored into, overwritten or added
