@@ -91,17 +91,53 @@ def mnist_bn_cnn(num_classes: int = 10, bn_momentum: float = 0.9, axis_name: Opt
     dropout: rate of the dropout before the classifier; default 0.3.
   """
   check_num_classes(num_classes, "mnist_bn_cnn")
-
-  def conv_bn_relu(filters):
-    return [Conv2D(filters, 3, use_bias=False), BatchNorm(momentum=bn_momentum, axis_name=axis_name),
-            Activation("relu")]
-
+  block = lambda filters: _conv_bn_relu(filters, bn_momentum, axis_name)  # noqa: E731
   return Sequential([
-      *conv_bn_relu(32), *conv_bn_relu(32), MaxPool2D(2),
-      *conv_bn_relu(64), *conv_bn_relu(64), MaxPool2D(2),
-      Flatten(), Dense(128, use_bias=False), BatchNorm(momentum=bn_momentum, axis_name=axis_name),
-      Activation("relu"), Dropout(dropout), Dense(num_classes),
+      *block(32), *block(32), MaxPool2D(2),
+      *block(64), *block(64), MaxPool2D(2),
+      *_bn_classifier(num_classes, bn_momentum, axis_name, dropout),
   ])
+
+
+@register("mnist_fast_cnn", input_shape=(28, 28, 1))
+def mnist_fast_cnn(num_classes: int = 10, bn_momentum: float = 0.9, axis_name: Optional[str] = None,
+                   dropout: float = 0.3) -> Sequential:
+  """`mnist_bn_cnn` with its first pooling moved up: 5.54M multiply-adds per image (57% of
+  mnist_bn_cnn's 9.8M), so three epochs fit a 2-core CPU budget (188,522 trainable parameters).
+  The default model of `experiments.mnist`:
+
+    Conv2D(32, 3) -> BatchNorm -> ReLU -> MaxPool2D(2)              28 -> 26 -> 13
+    [Conv2D(64, 3) -> BatchNorm -> ReLU] x 2 -> MaxPool2D(2)        13 -> 11 -> 9 -> 4
+    Flatten (4x4x64 = 1024) -> Dense(128) -> BatchNorm -> ReLU -> Dropout -> Dense(num_classes)
+
+  mnist_bn_cnn spends over half its work in its second 32-channel convolution at 24x24; pooling first
+  removes that layer. Convolutions and the hidden Dense feed a BatchNorm and so have no bias.
+
+  Args:
+    num_classes: number of logits; default 10.
+    bn_momentum: BatchNorm momentum (Keras convention, weight of the old statistics); default 0.9.
+    axis_name: pmap/shard_map axis for cross-device BatchNorm statistics; default None.
+    dropout: rate of the dropout before the classifier; default 0.3.
+  """
+  check_num_classes(num_classes, "mnist_fast_cnn")
+  block = lambda filters: _conv_bn_relu(filters, bn_momentum, axis_name)  # noqa: E731
+  return Sequential([
+      *block(32), MaxPool2D(2),
+      *block(64), *block(64), MaxPool2D(2),
+      *_bn_classifier(num_classes, bn_momentum, axis_name, dropout),
+  ])
+
+
+def _conv_bn_relu(filters, bn_momentum, axis_name):
+  """3x3 valid Conv2D (no bias: the BatchNorm after it subtracts the mean) -> BatchNorm -> ReLU."""
+  return [Conv2D(filters, 3, use_bias=False), BatchNorm(momentum=bn_momentum, axis_name=axis_name),
+          Activation("relu")]
+
+
+def _bn_classifier(num_classes, bn_momentum, axis_name, dropout):
+  """Flatten -> Dense(128, no bias) -> BatchNorm -> ReLU -> Dropout -> Dense(num_classes)."""
+  return [Flatten(), Dense(128, use_bias=False), BatchNorm(momentum=bn_momentum, axis_name=axis_name),
+          Activation("relu"), Dropout(dropout), Dense(num_classes)]
 
 
 @register("cifar10_cnn", input_shape=(32, 32, 3))

@@ -79,6 +79,17 @@ def test_mnist_bn_cnn_is_compact_and_bias_free_before_batch_norm():
   assert result.output_shape == (None, 10)
 
 
+def test_mnist_fast_cnn_pools_first_and_counts():
+  result = _summary("mnist_fast_cnn")
+  shapes = [row.output_shape for row in result.rows if row.type in ("Conv2D", "MaxPool2D")]
+  assert shapes == [(None, 26, 26, 32), (None, 13, 13, 32), (None, 11, 11, 64), (None, 9, 9, 64),
+                    (None, 4, 4, 64)]
+  assert result.trainable_params == (conv(32, 3, 1, False) + conv(64, 3, 32, False) + conv(64, 3, 64, False)
+                                     + dense(1024, 128, False) + 2 * (32 + 64 + 64 + 128)
+                                     + dense(128, 10)) == 188_522
+  assert result.non_trainable_params == 2 * (32 + 64 + 64 + 128)
+
+
 def test_cifar10_cnn_layers():
   result = _summary("cifar10_cnn")
   assert [row.type for row in result.rows].count("Dropout") == 3

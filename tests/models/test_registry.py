@@ -158,8 +158,8 @@ def test_models_with_batch_norm_take_bn_kwargs():
 # -- registry behaviour --------------------------------------------------------------------------------
 
 def test_names_lists_the_required_models():
-  required = {"mnist_convnet", "lenet5", "keras_mnist_cnn", "mnist_bn_cnn", "cifar10_cnn", "cifar_3conv",
-              "vgg16", "resnet18", "resnet20", "conv_autoencoder", "airbench"}
+  required = {"mnist_convnet", "lenet5", "keras_mnist_cnn", "mnist_bn_cnn", "mnist_fast_cnn", "cifar10_cnn",
+              "cifar_3conv", "vgg16", "resnet18", "resnet20", "conv_autoencoder", "airbench"}
   assert required <= set(models.names())
   assert models.names() == sorted(models.names())
 
