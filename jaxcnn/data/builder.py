@@ -10,6 +10,7 @@ directory and renames it when done, so a half-prepared dataset is never taken as
 from __future__ import annotations
 
 import dataclasses
+import logging
 import pathlib
 
 import numpy as np
@@ -102,8 +103,26 @@ def read_raw_split(config: RawConfig, split: str) -> tuple[np.ndarray, np.ndarra
   raise ValueError(f"kind: unknown raw kind {config.kind!r}")
 
 
+class _OwnConfigNotice(logging.Filter):
+  """Drops tfds' "Using custom data configuration" warning for this builder's own configs.
+
+  Every RawConfig is made at run time (one per raw content digest), so tfds would print the whole config
+  as a warning on every load; the data layer logs which source it resolved instead.
+  """
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (str(record.msg).startswith("Using custom data configuration")
+                and record.args and isinstance(record.args[0], RawConfig))
+
+
+_NOTICE_FILTER = _OwnConfigNotice()
+
+
 def make_builder(config: RawConfig, data_dir) -> JaxcnnRaw:
   """The builder for `config`, under tfds data dir `data_dir` (None: tfds' default)."""
+  absl_logger = logging.getLogger("absl")
+  if _NOTICE_FILTER not in absl_logger.filters:
+    absl_logger.addFilter(_NOTICE_FILTER)
   return JaxcnnRaw(config=config, data_dir=None if data_dir is None else str(data_dir))
 
 
