@@ -16,6 +16,7 @@ from jaxcnn.train.losses import LOSSES
 OPTIMIZERS = ("adam", "sgd", "rmsprop", "adadelta")
 SCHEDULES = ("constant", "cosine", "warmup_cosine", "exponential", "piecewise")
 PARALLEL = ("auto", "jit", "pmap", "none")
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 # Every key fit understands, with its default. None means "not set" where the key says so.
 DEFAULTS: dict[str, Any] = dict(
@@ -46,6 +47,7 @@ DEFAULTS: dict[str, Any] = dict(
     best_metric=None,               # e.g. "val_accuracy": also keep the best checkpoint by it
     best_mode="auto",               # "max" | "min" | "auto" (max for accuracy, min otherwise)
     parallel="auto",                # one of PARALLEL; auto = jit over every device
+    compute_dtype="float32",        # "bfloat16": bf16 forward/backward, float32 params, BN stats, loss
     async_checkpointing=True,       # write checkpoints in the background between saves
     progress="auto",                # "auto" (bar on a TTY, log lines otherwise) | "bar" | "log" | "none"
     distributed_init_timeout_s=60,  # multi-process: how long to wait for the peers to connect
@@ -123,6 +125,7 @@ def validate_config(config: Mapping[str, Any] | ml_collections.ConfigDict | None
         "best_metric", "expected a metric name such as 'val_accuracy' or None")
   check(c["best_mode"] in ("auto", "max", "min"), "best_mode", "expected 'auto', 'max' or 'min'")
   check(c["parallel"] in PARALLEL, "parallel", f"expected one of {', '.join(PARALLEL)}")
+  check(c["compute_dtype"] in COMPUTE_DTYPES, "compute_dtype", f"expected one of {', '.join(COMPUTE_DTYPES)}")
   check(isinstance(c["async_checkpointing"], bool), "async_checkpointing", "expected True or False")
   check(c["progress"] in ("auto", "bar", "log", "none"), "progress", "expected 'auto', 'bar', 'log' or 'none'")
   check(_is_int(c["distributed_init_timeout_s"]) and c["distributed_init_timeout_s"] >= 1,

@@ -297,7 +297,8 @@ def fit(model, train_data, *, config, workdir=None, val_data=None, callbacks: Se
       model, train_data.image_shape, config, total_steps=total_steps)
   state = layout.put_state(state)
   train_step, eval_step = make_steps(model, loss=config.loss, target=config.target,
-                                     axis_name=AXIS if layout.mode == "pmap" else None)
+                                     axis_name=AXIS if layout.mode == "pmap" else None,
+                                     compute_dtype=config.compute_dtype)
   schedule = make_schedule(config, total_steps)
 
   # resume

@@ -26,8 +26,13 @@ def _global_sum(x: jax.Array, axis_name: str | None) -> jax.Array:
   return x if axis_name is None else jax.lax.psum(x, axis_name)
 
 
+def _cast_floats(tree, dtype):
+  """`tree` with its floating leaves cast to `dtype` (integer leaves untouched)."""
+  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
 def make_steps(model, *, loss: str = "softmax_cross_entropy", target: str = "label",
-               axis_name: str | None = None) -> tuple[Callable, Callable]:
+               axis_name: str | None = None, compute_dtype: str = "float32") -> tuple[Callable, Callable]:
   """The pure train and eval steps for `model`.
 
   Args:
@@ -36,6 +41,10 @@ def make_steps(model, *, loss: str = "softmax_cross_entropy", target: str = "lab
     target: the batch key the loss compares outputs with (default "label"; "image" for autoencoders).
     axis_name: the pmap axis the batch is split over, or None (default) under jit/one device. Models
       whose BatchNorm must use the global batch under pmap need the same axis_name in their BatchNorm.
+    compute_dtype: "float32" (default) or "bfloat16": mixed precision. Each step casts the parameters
+      and the images to bfloat16 for the forward and backward passes (convolutions and BatchNorm
+      statistics still accumulate in float32), while the parameters, their gradients, the optimizer
+      state and the BatchNorm running statistics stay float32 and the loss is computed in float32.
 
   Returns:
     (train_step, eval_step):
@@ -46,6 +55,19 @@ def make_steps(model, *, loss: str = "softmax_cross_entropy", target: str = "lab
     (correct_sum is 0 for losses without accuracy).
   """
   loss_fn_per_example = get_loss(loss)
+  dtype = jnp.dtype(compute_dtype)
+  mixed = dtype != jnp.dtype(jnp.float32)
+
+  def _apply(variables, image, **kwargs):
+    """model.apply in the compute dtype; outputs come back float32 (batch_stats updates untouched)."""
+    if not mixed:
+      return model.apply(variables, image, **kwargs)
+    variables = {**variables, "params": _cast_floats(variables["params"], dtype)}
+    result = model.apply(variables, image.astype(dtype), **kwargs)
+    if kwargs.get("mutable"):
+      outputs, updates = result
+      return outputs.astype(jnp.float32), updates
+    return result.astype(jnp.float32)
 
   def _sums(outputs, batch, per_example):
     mask = batch["mask"].astype(jnp.float32)
@@ -67,7 +89,7 @@ def make_steps(model, *, loss: str = "softmax_cross_entropy", target: str = "lab
       if axis_name is not None:
         # Each pmap device holds different examples, so each draws its own masks.
         key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
-      outputs, updates = model.apply(variables, batch["image"], train=True, rngs={"dropout": key},
+      outputs, updates = _apply(variables, batch["image"], train=True, rngs={"dropout": key},
                                      mutable=["batch_stats"])
       per_example = loss_fn_per_example(outputs, batch[target]).astype(jnp.float32)
       return jnp.sum(per_example * mask) / count, (outputs, updates, per_example)
@@ -81,7 +103,7 @@ def make_steps(model, *, loss: str = "softmax_cross_entropy", target: str = "lab
     return new_state, _sums(outputs, batch, per_example)
 
   def eval_step(state: TrainState, batch: dict) -> dict:
-    outputs = model.apply(state.variables(), batch["image"], train=False)
+    outputs = _apply(state.variables(), batch["image"], train=False)
     return _sums(outputs, batch, loss_fn_per_example(outputs, batch[target]).astype(jnp.float32))
 
   return train_step, eval_step
