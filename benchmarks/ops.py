@@ -4,7 +4,8 @@
                              [--out PATH]
 
 Shapes are those of the registered small CNNs' layers (batch --batch). For each case and mode
-(forward; forward+backward = the gradients w.r.t. every floating input, i.e. x and the weights), every
+(forward; forward+backward = the gradients of sum(y^2)/2 w.r.t. every floating input, i.e. x and
+the weights), every
 JAX contender runs `--iters` iterations inside ONE jitted lax.scan, the way `fit` runs training steps
 (XLA CPU treats loops differently from straight-line code: XLA's own convolution is many times slower
 inside one); torch runs the same number of eager calls. Each iteration's input depends on the previous
@@ -91,8 +92,9 @@ def _jax_contender(fn, args, backward: bool, iters: int):
   def once(*a):
     if not backward:
       return fn(*a)
-    out, vjp = jax.vjp(fn, *a)
-    return vjp(jnp.ones_like(out))
+    # The loss sum(y^2)/2 makes the cotangent y itself: the forward must run, and the backward gets a
+    # real cotangent (with ones, XLA could drop the forward and fold the backward into sums).
+    return jax.grad(lambda *b: 0.5 * jnp.sum(jnp.square(fn(*b))), argnums=tuple(range(len(a))))(*a)
 
   def run(*a):
     def body(c, _):
@@ -126,7 +128,7 @@ def _torch_contender(torch, case: Case, args, backward: bool, iters: int):
         x = tensors[0] * (1.0 + c) if c else tensors[0]
         out = case.torch_fn(F, x, *tensors[1:])
         if backward:
-          grads = torch.autograd.grad(out, tensors, torch.ones_like(out))
+          grads = torch.autograd.grad(0.5 * out.square().sum(), tensors)
           total = sum(g.sum() for g in grads)
         else:
           total = out.sum()

@@ -1,0 +1,175 @@
+"""Performance guards: the properties the speed of training depends on, checked structurally (no timings).
+
+- `fit` traces its training program once per run, whatever the number of epochs and chunk lengths.
+- On CPU the convolution lowers to im2col + matmul, never to XLA's convolution (slow on CPU, many times
+  slower again inside a loop), and its gradient does not transpose activation-sized arrays.
+- Non-overlapping max pooling differentiates without reduce_window/select_and_scatter, and sends the
+  gradient of a tile with tied maxima to exactly one cell: the first in row-major order.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxcnn import layers, ops, train
+from helpers import assert_close
+
+
+def _primitives(jaxpr) -> list:
+  """Every equation of a (closed) jaxpr, sub-jaxprs (pjit, custom_vjp, scan bodies) included."""
+  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+  found = []
+  for eqn in jaxpr.eqns:
+    found.append(eqn)
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        if isinstance(sub, (jax.extend.core.ClosedJaxpr, jax.extend.core.Jaxpr)):
+          found.extend(_primitives(sub))
+  return found
+
+
+def _names(jaxpr) -> set[str]:
+  return {eqn.primitive.name for eqn in _primitives(jaxpr)}
+
+
+def _tiny_model():
+  return layers.Sequential([layers.Conv2D(4, 3, activation="relu"), layers.MaxPool2D(2), layers.Flatten(),
+                            layers.Dense(3)])
+
+
+def test_fit_traces_the_training_program_once():
+  # 5 steps per epoch in chunks of 2 (2 + 2 + 1: a partial chunk every epoch), 3 epochs: still one
+  # traced chunk program and one epoch-rollover program.
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, size=(40, 8, 8, 1), dtype=np.uint8)
+  labels = rng.integers(0, 3, size=(40,)).astype(np.int32)
+  train.TRACE_COUNTS.clear()
+  result = train.fit(_tiny_model(), (images, labels),
+                     config=dict(epochs=3, batch_size=8, log_every=2, progress="none", parallel="none"))
+  assert len(result.history["loss"]) == 3
+  assert train.TRACE_COUNTS.get("train_chunk") == 1, train.TRACE_COUNTS
+  assert train.TRACE_COUNTS.get("next_epoch") == 1, train.TRACE_COUNTS
+  assert "train_step" not in train.TRACE_COUNTS  # the device-resident path never steps one batch at a time
+
+
+def test_cpu_default_conv_lowering_is_im2col():
+  x, w = jnp.ones((2, 9, 9, 3)), jnp.ones((3, 3, 3, 5))
+  assert jax.default_backend() == "cpu"
+  assert ops.get_conv_lowering() == "auto"
+  # A fresh function per trace: the lowering is read when tracing, and traces are cached per function.
+  assert "conv_general_dilated" not in _names(jax.make_jaxpr(lambda x, w: ops.conv2d(x, w))(x, w))
+  with ops.conv_lowering("xla"):
+    assert "conv_general_dilated" in _names(jax.make_jaxpr(lambda x, w: ops.conv2d(x, w))(x, w))
+
+
+@pytest.mark.parametrize("strides, padding", [(1, "valid"), (2, "same"), (1, ((2, 1), (0, 1)))])
+def test_im2col_weight_gradient_reads_the_output_gradient_in_place(strides, padding):
+  # Autodiff of patches @ kernel makes XLA copy the (N*Ho*Wo, O) output gradient into an (O, N*Ho*Wo)
+  # transposed buffer before the weight-gradient matmul; the hand-written backward contracts over the
+  # rows of both operands instead, so no array of that transposed shape may appear in the program.
+  x, w, b = jnp.ones((2, 9, 9, 3)), jnp.ones((3, 3, 3, 5)), jnp.ones((5,))
+
+  def loss(x, w, b):
+    return jnp.sum(ops.conv2d(x, w, b, strides=strides, padding=padding) ** 2)
+
+  with ops.conv_lowering("im2col"):
+    y = jax.eval_shape(lambda x, w, b: ops.conv2d(x, w, b, strides=strides, padding=padding), x, w, b)
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(x, w, b).compile().as_text()
+  rows = math.prod(y.shape[:-1])
+  assert f"f32[{w.shape[-1]},{rows}]" not in hlo
+  assert "convolution(" not in hlo
+
+
+@pytest.mark.parametrize("shape, pool", [((2, 8, 8, 3), 2), ((1, 9, 7, 2), (3, 2)), ((2, 10, 4), 2)])
+def test_max_pool_gradient_avoids_reduce_window(shape, pool):
+  op = ops.max_pool2d if len(shape) == 4 else ops.max_pool1d
+  x = jnp.asarray(np.random.default_rng(1).permutation(math.prod(shape)).reshape(shape), jnp.float32)
+  names = _names(jax.make_jaxpr(jax.grad(lambda x: jnp.sum(op(x, pool) ** 2)))(x))
+  assert not any("reduce_window" in n or "select_and_scatter" in n for n in names), names
+
+
+def test_max_pool_tie_gradient_goes_to_the_first_maximum():
+  # Tile (0, 0): all four equal; tile (0, 1): the maximum 5 twice, at (0, 3) and (1, 2);
+  # tile (1, 0): one maximum; tile (1, 1): ties at the bottom row only.
+  x = jnp.asarray([[1, 1, 0, 5],
+                   [1, 1, 5, 2],
+                   [0, 3, 4, 4],
+                   [2, 1, 6, 6]], jnp.float32).reshape(1, 4, 4, 1)
+  grad = jax.grad(lambda x: jnp.sum(ops.max_pool2d(x, 2) * jnp.asarray([[2.0, 3.0], [5.0, 7.0]]).reshape(
+      1, 2, 2, 1)))(x)
+  expected = np.zeros((4, 4), np.float32)
+  expected[0, 0] = 2.0
+  expected[0, 3] = 3.0
+  expected[2, 1] = 5.0
+  expected[3, 2] = 7.0
+  assert_close(grad[0, :, :, 0], expected)
+  # Without ties the gradient is the same under every rule: compare with the reference twin's.
+  from jaxcnn import reference
+  distinct = jnp.asarray(np.random.default_rng(2).permutation(50).reshape(1, 5, 5, 2), jnp.float32)
+  assert_close(jax.grad(lambda x: jnp.sum(ops.max_pool2d(x, 2) ** 2))(distinct),
+               jax.grad(lambda x: jnp.sum(reference.max_pool2d(x, 2) ** 2))(distinct))
+
+
+# -- mixed precision (the accelerator switch), checked on CPU ---------------------------------------------
+
+def _bn_model():
+  return layers.Sequential([layers.Conv2D(4, 3, use_bias=False), layers.BatchNorm(momentum=0.9),
+                            layers.Activation("relu"), layers.MaxPool2D(2), layers.Flatten(),
+                            layers.Dropout(0.2), layers.Dense(3)])
+
+
+def test_bfloat16_compute_keeps_float32_parameters_statistics_and_loss():
+  model = _bn_model()
+  rng = np.random.default_rng(3)
+  batch = {"image": jnp.asarray(rng.standard_normal((8, 8, 8, 1)), jnp.float32),
+           "label": jnp.asarray(rng.integers(0, 3, 8), jnp.int32), "mask": jnp.ones((8,), jnp.float32)}
+  results = {}
+  for dtype in ("float32", "bfloat16"):
+    state = train.create_train_state(model, (8, 8, 1), {"optimizer": "adam"})
+    train_step, eval_step = train.make_steps(model, compute_dtype=dtype)
+    jaxpr = jax.make_jaxpr(train_step)(state, batch)
+    dot_inputs = {str(v.aval.dtype) for e in _primitives(jaxpr) if e.primitive.name == "dot_general"
+                  for v in e.invars}
+    assert ("bfloat16" in dot_inputs) == (dtype == "bfloat16"), dot_inputs
+    new, metrics = jax.jit(train_step)(state, batch)
+    for tree in (new.params, new.batch_stats, new.opt_state):
+      floats = [x.dtype for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+      assert floats and all(d == jnp.float32 for d in floats), floats
+    assert metrics["loss_sum"].dtype == jnp.float32
+    assert eval_step(new, batch)["loss_sum"].dtype == jnp.float32
+    results[dtype] = metrics, new
+  (m32, s32), (m16, s16) = results["float32"], results["bfloat16"]
+  assert np.isfinite(float(m16["loss_sum"]))
+  assert_close(m16["loss_sum"], m32["loss_sum"], rtol=2e-2, atol=1e-2)
+  # The running statistics are updated from bfloat16 activations but kept in float32.
+  assert_close(s16.batch_stats["batch_norm"]["mean"], s32.batch_stats["batch_norm"]["mean"], rtol=5e-2,
+               atol=2e-2)
+
+
+def test_compute_dtype_is_validated():
+  assert train.validate_config({"compute_dtype": "bfloat16"}).compute_dtype == "bfloat16"
+  with pytest.raises(ValueError, match="compute_dtype='float16'"):
+    train.validate_config({"compute_dtype": "float16"})
+
+
+def test_accelerator_recipes_are_valid_fit_configs():
+  from benchmarks import h100
+  mnist = h100.mnist_config()
+  assert mnist.compute_dtype == "bfloat16" and mnist.batch_size == 512
+  airbench = h100.airbench_config()
+  fit_keys = {k: airbench[k] for k in airbench if k in train.DEFAULTS}
+  assert train.validate_config(fit_keys).compute_dtype == "bfloat16"
+
+
+@pytest.mark.slow
+def test_airbench_recipe_trains_on_synthetic_data(tmp_path):
+  from benchmarks import h100
+  config = h100.airbench_config()
+  config.update(dict(synthetic=True, train_examples=64, test_examples=32, widths=(8, 16, 16), batch_size=32,
+                     eval_batch_size=32, epochs=1))
+  summary = h100.run_airbench(config, tmp_path)
+  assert 0.0 <= summary["test_accuracy"] <= 1.0 and np.isfinite(summary["test_loss"])
