@@ -2,13 +2,18 @@
 
 Layout in a run's workdir:
   checkpoints/<step>/          Orbax CheckpointManager (keep the latest N), the state incl. data position
-  checkpoint_digests/<step>.json  SHA-256 over the saved arrays, written only after Orbax committed <step>
+  checkpoint_digests/<step>.json  SHA-256 over the saved arrays and their shapes, written (atomically)
+                               before Orbax starts writing <step>, so every committed step has one
+  checkpoints_quarantine/<step>[-n]/  damaged or unverifiable steps, moved aside with their digest record
   best/<step>/                 the best checkpoint by config.best_metric (Orbax best_fn, keep 1)
 
 Restoring builds the target from this model's own state (abstract, with the current shardings), so a
 checkpoint saved on 4 devices restores on 1 and optax NamedTuples come back as NamedTuples. A step whose
-digest is missing or differs (Orbax restores flipped bytes without complaint) is skipped with a warning
-naming it, and the previous good one is used; nothing is deleted.
+digest record is missing or differs from the restored arrays (Orbax restores flipped bytes without
+complaint), or that cannot be read, is moved to checkpoints_quarantine/ with a warning naming the step
+and the folder, and the previous good one is used: the damage is kept for inspection, and the run can
+save that step again when it gets there. A checkpoint whose recorded shapes differ from the model's
+belongs to another model or config and is refused (CheckpointError listing the shapes).
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import hashlib
 import json
 import logging
 import pathlib
+import shutil
 import warnings
 
 import jax
@@ -42,6 +48,15 @@ def digest_tree(tree) -> str:
   return h.hexdigest()
 
 
+def _quarantine_name(root: pathlib.Path, step: int) -> pathlib.Path:
+  """root/<step>, or root/<step>-<n> for the first n >= 2 not taken (a step may be damaged twice)."""
+  candidate, n = root / str(step), 1
+  while candidate.exists():
+    n += 1
+    candidate = root / f"{step}-{n}"
+  return candidate
+
+
 def _shapes(tree) -> dict[str, tuple]:
   """{'params/conv2d/kernel': shape}: '/'-joined plain key names, so NamedTuple fields (target) and the
   dict keys Orbax's metadata reports for them compare equal."""
@@ -64,6 +79,7 @@ class Checkpointer:
                best_mode: str = "max"):
     self.workdir = pathlib.Path(workdir).absolute()
     self.digest_dir = self.workdir / "checkpoint_digests"
+    self.quarantine_dir = self.workdir / "checkpoints_quarantine"
     self._primary = jax.process_index() == 0
     if self._primary:
       self.digest_dir.mkdir(parents=True, exist_ok=True)
@@ -79,7 +95,7 @@ class Checkpointer:
           options=ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: float(m[best_metric]),
                                                best_mode=best_mode, create=True,
                                                enable_async_checkpointing=async_save))
-    self._pending: dict[int, str] = {}
+    self._pending: set[int] = set()
     self.last_good_step: int | None = None
 
   def _committed_steps(self) -> list[int]:
@@ -95,7 +111,16 @@ class Checkpointer:
     if step in self.manager.all_steps():
       return step
     tree = state.to_checkpoint()
-    self._pending[step] = digest_tree(tree)
+    if self._primary:
+      # The record first: a step Orbax commits always has one (a kill right after the commit must not
+      # leave the newest checkpoint unverifiable); a record without a committed step is ignored.
+      self.digest_dir.mkdir(parents=True, exist_ok=True)
+      record = {"step": step, "format": _DIGEST_FORMAT, "sha256": digest_tree(tree),
+                "shapes": {k: list(v) for k, v in _shapes(tree).items()}}
+      tmp = self.digest_dir / f"{step}.json.tmp"
+      tmp.write_text(json.dumps(record))
+      tmp.replace(self.digest_dir / f"{step}.json")  # atomic: a digest file is whole or absent
+    self._pending.add(step)
     self.manager.save(step, args=ocp.args.StandardSave(tree), force=True)
     return step
 
@@ -110,16 +135,12 @@ class Checkpointer:
                            metrics={k: float(v) for k, v in metrics.items()}, force=True)
 
   def wait(self) -> None:
-    """Waits until every started save is committed, then records their digests."""
+    """Waits until every started save is committed."""
     self.manager.wait_until_finished()
     if self.best_manager is not None:
       self.best_manager.wait_until_finished()
     committed = set(self._committed_steps())
-    for step, digest in sorted(self._pending.items()):
-      if step in committed and self._primary:
-        tmp = self.digest_dir / f"{step}.json.tmp"
-        tmp.write_text(json.dumps({"step": step, "format": _DIGEST_FORMAT, "sha256": digest}))
-        tmp.replace(self.digest_dir / f"{step}.json")  # atomic: a digest file is whole or absent
+    for step in sorted(self._pending):
       if step in committed:
         self.last_good_step = step
     self._pending.clear()
@@ -144,20 +165,28 @@ class Checkpointer:
     """Committed checkpoint steps, oldest first."""
     return sorted(self._committed_steps())
 
-  def _recorded_digest(self, step: int) -> str | None:
+  def _record(self, step: int) -> dict | None:
+    """The step's digest record ({"sha256", "shapes"?}), or None when it is missing or unreadable."""
     path = self.digest_dir / f"{step}.json"
     try:
       record = json.loads(path.read_text())
-      return record["sha256"] if record.get("format") == _DIGEST_FORMAT else None
-    except (OSError, ValueError, KeyError):
+      if record.get("format") != _DIGEST_FORMAT or not isinstance(record.get("sha256"), str):
+        return None
+      return record
+    except (OSError, ValueError, AttributeError):
       return None
 
-  def _check_shapes(self, step: int, target_tree) -> None:
-    try:
-      meta = self.manager.item_metadata(step)
-      saved = _shapes(getattr(meta, "tree", meta))
-    except Exception:  # unreadable metadata is damage: left to the restore and digest checks
-      return
+  def _check_shapes(self, step: int, target_tree, record: dict) -> None:
+    if isinstance(record.get("shapes"), dict):
+      # Written by this class with the checkpoint: damage to Orbax's own metadata cannot pass for a
+      # different model.
+      saved = {k: tuple(v) for k, v in record["shapes"].items()}
+    else:
+      try:
+        meta = self.manager.item_metadata(step)
+        saved = _shapes(getattr(meta, "tree", meta))
+      except Exception:  # unreadable metadata is damage: left to the restore and digest checks
+        return
     wanted = _shapes(target_tree)
     mismatched = [f"{k}: checkpoint {saved[k]} vs model {wanted[k]}" for k in wanted
                   if k in saved and saved[k] != wanted[k]]
@@ -172,8 +201,29 @@ class Checkpointer:
       raise CheckpointError(f"checkpoint {self.workdir / 'checkpoints' / str(step)} belongs to another "
                             f"model/config: " + "; ".join(parts))
 
+  def _quarantine(self, step: int, problem: str) -> None:
+    """Moves a bad step (and its digest record) to checkpoints_quarantine/ and warns, naming both."""
+    source = self.workdir / "checkpoints" / str(step)
+    target = _quarantine_name(self.quarantine_dir, step)
+    if self._primary:
+      target.mkdir(parents=True)
+      if source.exists():
+        shutil.move(str(source), str(target / "checkpoint"))
+      record = self.digest_dir / f"{step}.json"
+      if record.exists():
+        shutil.move(str(record), str(target / "digest.json"))
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"jaxcnn_quarantine_{step}")
+    self.manager.reload()
+    warnings.warn(f"checkpoint step {step} in {self.workdir / 'checkpoints'} {problem}; moved it to {target} "
+                  "and falling back to the previous checkpoint", stacklevel=3)
+
   def restore_latest(self, state):
     """`state` (a placed TrainState) with the latest good checkpoint's values, or None when there is none.
+
+    Steps that are damaged or unverifiable are moved to checkpoints_quarantine/ (with a warning naming
+    the step and the folder) on the way to the newest good one.
 
     Raises:
       CheckpointError: the checkpoint's shapes/structure differ from this model's (another model).
@@ -181,22 +231,19 @@ class Checkpointer:
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                           state.to_checkpoint())
     for step in reversed(self.steps()):
-      self._check_shapes(step, target)
-      recorded = self._recorded_digest(step)
-      if recorded is None:
-        warnings.warn(f"checkpoint step {step} in {self.workdir / 'checkpoints'} has no digest record "
-                      "(interrupted before it was verified); falling back to the previous checkpoint",
-                      stacklevel=2)
+      record = self._record(step)
+      if record is None:
+        self._quarantine(step, "has no digest record (missing or unreadable: interrupted before it was verified)")
         continue
+      self._check_shapes(step, target, record)
       try:
         restored = self.manager.restore(step, args=ocp.args.StandardRestore(target))
       except Exception as err:  # damaged files surface as many error types
-        warnings.warn(f"checkpoint step {step} in {self.workdir / 'checkpoints'} could not be read ({err}); "
-                      "falling back to the previous checkpoint", stacklevel=2)
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        self._quarantine(step, f"could not be read ({reason})")
         continue
-      if digest_tree(restored) != recorded:
-        warnings.warn(f"checkpoint step {step} in {self.workdir / 'checkpoints'} is damaged (content digest "
-                      "mismatch); falling back to the previous checkpoint", stacklevel=2)
+      if digest_tree(restored) != record["sha256"]:
+        self._quarantine(step, "is damaged (content digest mismatch)")
         continue
       self.last_good_step = step
       _LOG.info("restored checkpoint step %d from %s", step, self.workdir / "checkpoints")

@@ -214,7 +214,7 @@ def test_resumed_over_damage_ends_bitwise_and_leaves_a_good_newest_checkpoint(tm
     victim.write_bytes(bytes(raw))
   else:
     (workdir / "checkpoint_digests" / "4.json").unlink()
-  before = _snapshot(workdir / "checkpoints")
+  before = _snapshot(workdir / "checkpoints" / "4")
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     result = train.fit(make_model(), data[0], config={**RUN_CONFIG, "epochs": 2}, workdir=workdir,
@@ -224,7 +224,7 @@ def test_resumed_over_damage_ends_bitwise_and_leaves_a_good_newest_checkpoint(tm
   expected_state, expected_history = uninterrupted
   assert_bitwise(saved_leaves(result.state), expected_state)
   assert result.history == expected_history
-  if fault == "flipped byte":  # the damaged files are still somewhere under the workdir
+  if fault == "flipped byte":  # the damaged step's files are still somewhere under the workdir
     after = {p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
     assert all(content in after for content in before), "damaged checkpoint files were deleted"
   restored, messages = _restore(workdir, train.create_train_state(make_model(), (8, 8, 1), RUN_CONFIG))

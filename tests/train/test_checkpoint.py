@@ -76,7 +76,8 @@ def test_flipped_byte_falls_back_to_previous_checkpoint(tmp_path):
   with pytest.warns(UserWarning, match=r"checkpoint step 2 .* (damaged|could not be read)"):
     restored = _restore(tmp_path)
   assert int(restored.step) == 1 and _same_values(restored, _state(step=1))
-  assert step_dir.is_dir()  # the damaged checkpoint is kept for inspection
+  # The damaged checkpoint is kept for inspection, moved aside so that the step can be saved again.
+  assert not step_dir.exists() and (tmp_path / "checkpoints_quarantine" / "2" / "checkpoint").is_dir()
 
 
 def test_missing_digest_is_not_trusted(tmp_path):
