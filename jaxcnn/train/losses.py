@@ -30,7 +30,16 @@ def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   Returns:
     (B,) float32 loss per example.
   """
+  if logits.ndim < 2:
+    raise ValueError(f"softmax_cross_entropy: logits must be (B, K) (class scores last), got shape {logits.shape}")
   if labels.ndim == logits.ndim - 1:
+    if labels.shape != logits.shape[:-1]:
+      raise ValueError(f"softmax_cross_entropy: labels shape {labels.shape} does not match the logits' batch "
+                       f"shape {logits.shape[:-1]}")
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+      # A cast would truncate 1.7 to class 1 without a word.
+      raise ValueError(f"softmax_cross_entropy: labels of shape {labels.shape} must be integer class ids, "
+                       f"got dtype {labels.dtype}")
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels.astype(jnp.int32))
   if labels.shape != logits.shape:
     raise ValueError(f"softmax_cross_entropy: labels shape {labels.shape} matches neither logits "
