@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -78,9 +79,42 @@ def maybe_initialize_distributed(init_timeout_s: int = 60, heartbeat_timeout_s: 
                              "data pipelines)") from err
     raise DistributedError(f"multi-process: could not join the job at "
                            f"{os.environ.get('JAX_COORDINATOR_ADDRESS', 'TPU metadata')}: {err}") from err
+  _report_runtime_abort()
   _LOG.info("joined multi-process job: process %d of %d, %d devices in all",
                jax.process_index(), jax.process_count(), jax.device_count())
   return True
+
+
+_ABORT_MESSAGE = (b"error: multi-process: the JAX runtime is terminating this process: it lost the coordination "
+                  b"service or a peer process (the coordinator or a peer probably died; its log is above)\n")
+_abort_handler = None  # kept referenced: the C runtime calls it for as long as the process lives
+
+
+def _report_runtime_abort() -> None:
+  """Turns the runtime's abort on a lost coordinator/peer into one line on stderr and exit code 4.
+
+  When the coordinator process dies, JAX's coordination agent terminates the survivors with a fatal log
+  and abort(), from a runtime thread that Python cannot catch (jax.distributed offers no callback that
+  works here). A C-level SIGABRT handler, installed only in a multi-process job, writes one line saying
+  what happened and exits with DistributedError's code instead of dumping core.
+  """
+  global _abort_handler
+  try:
+    import ctypes
+    libc = ctypes.CDLL(None)
+    handler_type = ctypes.CFUNCTYPE(None, ctypes.c_int)
+    libc.signal.argtypes = [ctypes.c_int, handler_type]
+    libc.signal.restype = ctypes.c_void_p
+  except (OSError, AttributeError) as err:  # no C library to call (not POSIX): keep the runtime's abort
+    _LOG.debug("cannot report runtime aborts: %s", err)
+    return
+
+  def on_abort(signum):
+    os.write(2, _ABORT_MESSAGE)
+    os._exit(DistributedError.exit_code)
+
+  _abort_handler = handler_type(on_abort)
+  libc.signal(signal.SIGABRT, _abort_handler)
 
 
 def make_mesh(devices=None) -> Mesh:
