@@ -54,11 +54,11 @@ def _kill_once(worker: Worker, workdir: pathlib.Path, mode: str, rng: random.Ran
 
   "write": when a new temporary directory of an Orbax checkpoint appears, 0-2 steps after the resumed
     step (the kill lands mid-write).
-  "step": after the report of a step a few steps ahead of the resumed one, plus 0-300 ms (mid-chunk,
+  "step": after the report of a step 1-6 steps ahead of the resumed one, plus 0-300 ms (mid-chunk,
     mid-save or mid-epoch-end, wherever that falls).
   "startup": 0-2 s after the process started (imports, restoring the checkpoint, compiling).
   """
-  resumed = 0
+  resumed = None  # unknown when the kill lands before the resume is reported
   checkpoints = workdir / "checkpoints"
   stale = _temporaries(checkpoints)  # left by earlier kills
   if mode == "startup":
@@ -80,7 +80,7 @@ def _kill_once(worker: Worker, workdir: pathlib.Path, mode: str, rng: random.Ran
         worker.new_lines()
         time.sleep(0.001)
     else:
-      target = min(resumed + rng.randint(1, 3), total - 2)
+      target = min(resumed + rng.randint(1, 6), total - 2)
       worker.wait_for(lambda l: (_step_of(l) or 0) >= target, RUN_TIMEOUT_S)
       time.sleep(rng.uniform(0.0, 0.3))
   mid_write = bool(_temporaries(checkpoints) - stale)
