@@ -63,17 +63,27 @@ def _data_files(step_dir: pathlib.Path) -> list[pathlib.Path]:
   return sorted(files, key=lambda p: (-p.stat().st_size, str(p)))
 
 
-def _truncate(step_dir):
-  victim = _data_files(step_dir)[0]
+def _truncate(victim: pathlib.Path):
   victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
 
 
-def _empty(step_dir):
-  _data_files(step_dir)[0].write_bytes(b"")
+def _empty(victim: pathlib.Path):
+  victim.write_bytes(b"")
 
 
-def _delete_data(step_dir):
-  _data_files(step_dir)[0].unlink()
+def _delete(victim: pathlib.Path):
+  victim.unlink()
+
+
+def _flip(victim: pathlib.Path):
+  raw = bytearray(victim.read_bytes())
+  raw[len(raw) // 2] ^= 0x10
+  victim.write_bytes(bytes(raw))
+
+
+def _truncate_all(step_dir):
+  for victim in _data_files(step_dir):
+    _truncate(victim)
 
 
 def _deleter(name):
@@ -95,11 +105,12 @@ def _garbage_digest(step_dir):
   (step_dir.parents[1] / "checkpoint_digests" / f"{step_dir.name}.json").write_text("{not json")
 
 
-# Faults that leave the step's arrays unreadable or unverifiable: the restore must fall back.
-DATA_FAULTS = {
-    "truncated data file": _truncate,
-    "emptied data file": _empty,
-    "deleted data file": _delete_data,
+# Faults of one data file, tried on each file of the step in turn (Orbax keeps more chunk files than a
+# restore reads, so damage to one of them may be harmless: then the values must be exactly the saved ones).
+FILE_FAULTS = {"truncated": _truncate, "emptied": _empty, "deleted": _delete, "one byte flipped": _flip}
+# Faults that leave the whole step unreadable or unverifiable: the restore must fall back.
+STEP_FAULTS = {
+    "every data file truncated": _truncate_all,
     "emptied step directory": _empty_dir,
     "unreadable digest record": _garbage_digest,
 }
@@ -142,10 +153,10 @@ def _assert_exact_or_fell_back(workdir, before, restored, messages):
     _assert_fell_back_and_kept(workdir, 2, 1, before, restored, messages)
 
 
-@pytest.mark.parametrize("fault", list(DATA_FAULTS))
+@pytest.mark.parametrize("fault", list(STEP_FAULTS))
 def test_damaged_newest_checkpoint_warns_falls_back_and_keeps_the_damage(tmp_path, fault):
   _save(tmp_path, [1, 2])
-  DATA_FAULTS[fault](tmp_path / "checkpoints" / "2")
+  STEP_FAULTS[fault](tmp_path / "checkpoints" / "2")
   before = _snapshot(tmp_path)
   restored, messages = _restore(tmp_path)
   _assert_fell_back_and_kept(tmp_path, 2, 1, before, restored, messages)
@@ -160,30 +171,30 @@ def test_deleted_metadata_file_never_gives_a_wrong_state_or_a_false_refusal(tmp_
   _assert_exact_or_fell_back(tmp_path, before, restored, messages)
 
 
-def test_one_flipped_byte_in_any_data_file_is_caught(tmp_path):
-  """One bit of one compressed chunk: Orbax restores it without complaint; the digest must not. A chunk
-  that the restore does not read (values still exact) is no wrong result; the array chunks are."""
+@pytest.mark.parametrize("fault", list(FILE_FAULTS))
+def test_one_damaged_data_file_is_caught_whichever_it_is(tmp_path, fault):
+  """One file of the newest step truncated, emptied, deleted or with one bit flipped, for each data file in
+  turn. A flipped bit in a compressed chunk restores without complaint from Orbax; the digest must catch
+  it. A chunk file the restore does not read leaves the values exact, which is no wrong result; the
+  chunks it reads must make it fall back."""
   _save(tmp_path / "pristine", [1, 2])
   pristine_files = _data_files(tmp_path / "pristine" / "checkpoints" / "2")
   fell_back = 0
   for i in range(len(pristine_files)):
-    workdir = tmp_path / f"flip{i}"
+    workdir = tmp_path / f"damaged{i}"
     shutil.copytree(tmp_path / "pristine", workdir)
-    victim = _data_files(workdir / "checkpoints" / "2")[i]
-    raw = bytearray(victim.read_bytes())
-    raw[len(raw) // 2] ^= 0x10
-    victim.write_bytes(bytes(raw))
+    FILE_FAULTS[fault](_data_files(workdir / "checkpoints" / "2")[i])
     before = _snapshot(workdir)
     restored, messages = _restore(workdir)
     _assert_exact_or_fell_back(workdir, before, restored, messages)
     fell_back += int(restored.step) == 1
-  assert fell_back >= 1, "no flipped data chunk was detected"
+  assert fell_back >= 1, f"no {fault} data file was detected"
 
 
 def test_every_checkpoint_damaged_starts_fresh_with_warnings(tmp_path):
   _save(tmp_path, [1, 2])
   for step in (1, 2):
-    _truncate(tmp_path / "checkpoints" / str(step))
+    _truncate_all(tmp_path / "checkpoints" / str(step))
   restored, messages = _restore(tmp_path)
   assert restored is None
   assert any("checkpoint step 2" in m for m in messages) and any("checkpoint step 1" in m for m in messages)
@@ -207,11 +218,9 @@ def test_resumed_over_damage_ends_bitwise_and_leaves_a_good_newest_checkpoint(tm
   train.fit(make_model(), data[0], config={**RUN_CONFIG, "epochs": 1}, workdir=workdir, val_data=data[1])
   newest = max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
   assert newest == 4
-  if fault == "flipped byte":
-    victim = _data_files(workdir / "checkpoints" / "4")[0]
-    raw = bytearray(victim.read_bytes())
-    raw[len(raw) // 2] ^= 0x01
-    victim.write_bytes(bytes(raw))
+  if fault == "flipped byte":  # in every data file: which of them a restore reads varies
+    for victim in _data_files(workdir / "checkpoints" / "4"):
+      _flip(victim)
   else:
     (workdir / "checkpoint_digests" / "4.json").unlink()
   before = _snapshot(workdir / "checkpoints" / "4")
