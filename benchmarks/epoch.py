@@ -81,7 +81,7 @@ def main(argv=None) -> dict:
       "summary": {k: summary.get(k) for k in keys},
   }
   rows = [["wall (start to summary)", wall], ["compile (trace+lower+XLA)", payload["compile_seconds"]]]
-  rows += [[k, summary.get(k)] for k in keys if k in summary]
+  rows += [[k, f"{summary[k]:.4f}" if k == "test_accuracy" else summary[k]] for k in keys if k in summary]
   print(_common.format_table(["experiments.mnist", "value"], rows))
   path = _common.write_result("epoch", payload, args.out)
   print(f"\nwrote {path}")
