@@ -67,6 +67,24 @@ def write_json(path: pathlib.Path, payload: dict[str, Any]) -> None:
   os.replace(tmp, path)
 
 
+def write_summary(workdir: pathlib.Path, experiment: str, config, results: dict[str, Any],
+                  started: float, figures) -> None:
+  """Writes workdir/summary.json: experiment name, config, device, results, wall time and figure names.
+
+  Args:
+    workdir: the run directory.
+    experiment: the experiment's name.
+    config: its ConfigDict.
+    results: the experiment's measured results.
+    started: `time.time()` at the start of `main`.
+    figures: the figures written (paths or names).
+  """
+  write_json(workdir / "summary.json", {
+      "experiment": experiment, "config": config.to_dict(), "device": device_info(),
+      "results": results, "wall_time_s": round(time.time() - started, 1),
+      "figures": [pathlib.Path(f).name for f in figures]})
+
+
 def _jsonable(value):
   try:
     import numpy as np

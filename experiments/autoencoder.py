@@ -220,10 +220,7 @@ def main(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
   if result.history.get("epoch"):
     plot_losses(workdir / "loss.png", result.history,
                 title=f"Denoising autoencoder: test BCE {test_loss:.4f}")
-  _runner.write_json(workdir / "summary.json", {
-      "experiment": "autoencoder", "config": config.to_dict(), "device": _runner.device_info(),
-      "results": results, "wall_time_s": round(time.time() - started, 1),
-      "figures": ["denoised.png", "loss.png"]})
+  _runner.write_summary(workdir, "autoencoder", config, results, started, ["denoised.png", "loss.png"])
   return results
 
 

@@ -122,10 +122,7 @@ def main(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
                  getattr(test_data, "skipped", []) or [])}
   logging.info("test accuracy %.4f (loss %.4f) on %d images", evaluation["accuracy"], evaluation["loss"],
                evaluation["count"])
-  _runner.write_json(workdir / "summary.json", {
-      "experiment": "cats_vs_dogs", "config": config.to_dict(), "device": _runner.device_info(),
-      "results": results, "wall_time_s": round(time.time() - started, 1),
-      "figures": [p.name for p in figures]})
+  _runner.write_summary(workdir, "cats_vs_dogs", config, results, started, figures)
   return results
 
 

@@ -118,10 +118,7 @@ def main(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
   logging.info("CIFAR-10 test accuracy %.4f (loss %.4f)", evaluation["accuracy"], evaluation["loss"])
   figures = mnist.save_figures(workdir, result.history, model, variables, evaluation, list(train_data.class_names),
                                config, title=f"CIFAR-10 CNN ({results['train_examples']} training images)")
-  _runner.write_json(workdir / "summary.json", {
-      "experiment": "cifar10", "config": config.to_dict(), "device": _runner.device_info(),
-      "results": results, "wall_time_s": round(time.time() - started, 1),
-      "figures": [p.name for p in figures]})
+  _runner.write_summary(workdir, "cifar10", config, results, started, figures)
   return results
 
 
