@@ -75,7 +75,7 @@ class VerifyResult:
   Attributes:
     op: the op name.
     dtype: the computation dtype the tolerance was taken from.
-    lowering: the conv lowering setting the fast op was traced under ("auto", "xla", "im2col").
+    lowering: the conv lowering setting the fast op was traced under ("auto", "xla", "im2col", "rows").
     rtol, atol: the tolerance used.
     forward: one ErrorStat per output leaf.
     grads: one ErrorStat per differentiated positional argument.
@@ -245,8 +245,8 @@ def verify(op, *args, argnums: int | Sequence[int] | None = None, lowering: str 
       as they are.
     argnums: positional indices to differentiate; default None = every floating array argument; () for
       a forward-only check.
-    lowering: a conv lowering ("xla", "im2col", "auto") to trace the fast op under, or None (default) for
-      the current setting.
+    lowering: a conv lowering ("xla", "im2col", "rows", "auto") to trace the fast op under, or None
+      (default) for the current setting.
     rtol: relative tolerance; default from the computation dtype (`default_tolerance`).
     atol: absolute tolerance, scaled by max(1, max |reference|) per array; default from the dtype.
     check_grads: also check the fast op's gradient numerically (`jax.test_util.check_grads`, reverse

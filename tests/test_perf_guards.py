@@ -1,8 +1,8 @@
 """Performance guards: the properties the speed of training depends on, checked structurally (no timings).
 
 - `fit` traces its training program once per run, whatever the number of epochs and chunk lengths.
-- On CPU the convolution lowers to im2col + matmul, never to XLA's convolution (slow on CPU, many times
-  slower again inside a loop), and its gradient does not transpose activation-sized arrays.
+- On CPU the convolution lowers to matmuls (im2col or "rows"), never to XLA's convolution (slow on CPU,
+  many times slower again inside a loop), and its gradient does not transpose activation-sized arrays.
 - Non-overlapping max pooling differentiates without reduce_window/select_and_scatter, and sends the
   gradient of a tile with tied maxima to exactly one cell: the first in row-major order.
 """
@@ -66,21 +66,28 @@ def test_cpu_default_conv_lowering_is_im2col():
     assert "conv_general_dilated" in _names(jax.make_jaxpr(lambda x, w: ops.conv2d(x, w))(x, w))
 
 
+@pytest.mark.parametrize("lowering", ["im2col", "rows"])
 @pytest.mark.parametrize("strides, padding", [(1, "valid"), (2, "same"), (1, ((2, 1), (0, 1)))])
-def test_im2col_weight_gradient_reads_the_output_gradient_in_place(strides, padding):
-  # Autodiff of patches @ kernel makes XLA copy the (N*Ho*Wo, O) output gradient into an (O, N*Ho*Wo)
+def test_weight_gradient_reads_the_output_gradient_in_place(strides, padding, lowering):
+  # Autodiff of patches @ kernel makes XLA copy the (rows, O) output gradient into an (O, rows)
   # transposed buffer before the weight-gradient matmul; the hand-written backward contracts over the
   # rows of both operands instead, so no array of that transposed shape may appear in the program.
+  # For "rows" the matrix is dZ: (N * rows of the padded input read * Wo, kh * O).
   x, w, b = jnp.ones((2, 9, 9, 3)), jnp.ones((3, 3, 3, 5)), jnp.ones((5,))
 
   def loss(x, w, b):
     return jnp.sum(ops.conv2d(x, w, b, strides=strides, padding=padding) ** 2)
 
-  with ops.conv_lowering("im2col"):
+  with ops.conv_lowering(lowering):
     y = jax.eval_shape(lambda x, w, b: ops.conv2d(x, w, b, strides=strides, padding=padding), x, w, b)
     hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(x, w, b).compile().as_text()
-  rows = math.prod(y.shape[:-1])
-  assert f"f32[{w.shape[-1]},{rows}]" not in hlo
+  n, ho, wo, o = y.shape
+  if lowering == "im2col":
+    forbidden = f"f32[{o},{n * ho * wo}]"
+  else:
+    used = (ho - 1) * strides + w.shape[0]  # rows of the padded input that are read
+    forbidden = f"f32[{w.shape[0] * o},{n * used * wo}]"
+  assert forbidden not in hlo
   assert "convolution(" not in hlo
 
 

@@ -19,7 +19,7 @@ from jaxcnn.ops import _args
 
 from helpers import REPO_ROOT, assert_close
 
-LOWERINGS = ("xla", "im2col")
+LOWERINGS = ("xla", "im2col", "rows")
 _CONVS = {"conv2d": (ops.conv2d, reference.conv2d), "conv1d": (ops.conv1d, reference.conv1d)}
 
 
@@ -148,8 +148,8 @@ def test_conv2d_numerical_gradient():
 # ---- hand-computed cases -------------------------------------------------------------------------------
 
 # The fast op under each lowering, and the reference (which has none).
-_IMPLS_2D = [(ops.conv2d, "xla"), (ops.conv2d, "im2col"), (reference.conv2d, "auto")]
-_IMPL_IDS = ["ops-xla", "ops-im2col", "reference"]
+_IMPLS_2D = [(ops.conv2d, "xla"), (ops.conv2d, "im2col"), (ops.conv2d, "rows"), (reference.conv2d, "auto")]
+_IMPL_IDS = ["ops-xla", "ops-im2col", "ops-rows", "reference"]
 
 
 def _run(conv, lowering, *args, **kwargs):
@@ -269,13 +269,14 @@ def test_lowerings_emit_the_intended_primitives(groups):
 
   with ops.conv_lowering("xla"):
     assert "conv_general_dilated" in _primitives(make_grad(), x, w)
-  with ops.conv_lowering("im2col"):
-    prims = _primitives(make_grad(), x, w)
-  # Forward and backward are slices/pads/adds and matmuls: no convolution, and no gather or scatter
-  # (which a naive patch extraction would differentiate into).
-  assert "conv_general_dilated" not in prims
-  assert not prims & {"gather", "scatter", "scatter-add", "scatter_add"}
-  assert ("dot_general" in prims) == (groups != 4)  # depthwise sums elementwise products instead
+  for lowering in ("im2col", "rows"):
+    with ops.conv_lowering(lowering):
+      prims = _primitives(make_grad(), x, w)
+    # Forward and backward are slices/pads/adds and matmuls: no convolution, and no gather or scatter
+    # (which a naive patch extraction would differentiate into).
+    assert "conv_general_dilated" not in prims
+    assert not prims & {"gather", "scatter", "scatter-add", "scatter_add"}
+    assert ("dot_general" in prims) == (groups != 4)  # depthwise sums elementwise products instead
 
 
 @pytest.mark.parametrize("lowering", LOWERINGS)
@@ -345,6 +346,44 @@ def test_auto_lowering_is_im2col_on_cpu():
     prims = _primitives(lambda x, w: ops.conv2d(x, w), x, w)
   expected_conv = jax.default_backend() != "cpu"
   assert ("conv_general_dilated" in prims) == expected_conv
+
+
+@pytest.mark.parametrize("x_shape, w_shape, strides, groups, expected", [
+    ((128, 32, 32, 32), (3, 3, 32, 32), 1, 1, "rows"),     # O = C: rows moves 3C + 3O < 9C values
+    ((128, 13, 13, 32), (3, 3, 32, 64), 1, 1, "rows"),     # O = 2C: equal traffic, rows measured faster
+    ((128, 16, 16, 32), (3, 3, 32, 128), 1, 1, "im2col"),  # O = 4C: im2col moves less
+    ((128, 32, 32, 3), (3, 3, 3, 32), 1, 1, "im2col"),     # an RGB first layer
+    ((128, 32, 32, 32), (3, 3, 32, 32), (2, 1), 1, "im2col"),  # row stride 2: rows would compute 2x
+    ((128, 32, 32, 32), (3, 3, 32, 32), (1, 2), 1, "rows"),    # a column stride is free for rows
+    ((128, 32, 32, 32), (3, 3, 16, 32), 1, 2, "im2col"),   # grouped
+    ((128, 32, 32, 32), (1, 1, 32, 32), 1, 1, "im2col"),   # 1x1: nothing to save
+    ((128, 32, 32), (3, 32, 32), 1, 1, "im2col"),          # conv1d
+])
+def test_auto_lowering_on_cpu_chooses_per_shape(x_shape, w_shape, strides, groups, expected):
+  assert jax.default_backend() == "cpu"
+  with ops.conv_lowering("auto"):
+    assert ops.resolve_conv_lowering(x_shape, w_shape, strides=strides, groups=groups) == expected
+  with ops.conv_lowering("xla"):  # an explicit setting is taken as it is
+    assert ops.resolve_conv_lowering(x_shape, w_shape, strides=strides, groups=groups) == "xla"
+
+
+def test_resolve_conv_lowering_rejects_mismatched_shapes():
+  with pytest.raises(ValueError, match="do not describe a 1-D or 2-D convolution"):
+    ops.resolve_conv_lowering((1, 8, 8, 3), (3, 3, 3))
+  with pytest.raises(ValueError, match="do not describe"):
+    ops.resolve_conv_lowering((1, 8, 8, 3), (3, 3, 3, 4), strides=(1, 1, 1))
+
+
+def test_auto_takes_the_rows_path_and_matches_the_reference():
+  # Channels large enough for "auto" to pick "rows" on CPU (the grid's small shapes all pick im2col):
+  # the default path itself, forward and gradients, against the twin.
+  rng = np.random.default_rng(11)
+  x = jnp.asarray(rng.standard_normal((2, 9, 7, 8)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((3, 3, 8, 8)) / np.sqrt(72), jnp.float32)
+  b = jnp.asarray(rng.standard_normal((8,)), jnp.float32)
+  assert ops.resolve_conv_lowering(x.shape, w.shape) == "rows"
+  for padding, strides in [("same", 1), ("valid", (1, 2)), (((2, 0), (1, 3)), 1)]:
+    jaxcnn.verify("conv2d", x, w, b, padding=padding, strides=strides, lowering="auto").raise_if_failed()
 
 
 def _lowering_in_subprocess(value: str) -> subprocess.CompletedProcess:

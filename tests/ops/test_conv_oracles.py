@@ -13,7 +13,7 @@ from helpers import assert_close, import_tensorflow, import_torch
 
 pytestmark = pytest.mark.oracle
 
-LOWERINGS = ("xla", "im2col")
+LOWERINGS = ("xla", "im2col", "rows")
 
 
 @pytest.fixture(scope="module")
