@@ -1,15 +1,18 @@
 """Fast pooling ops: max and average pools over NHWC (2-D) and NLC (1-D) inputs, and global pools.
 
 Lowerings, chosen statically from shapes (all of them jit-friendly):
-  - stride == window on every spatial dim: crop what "valid" drops, reshape each spatial dim into
-    (out, window) and reduce the window axes. One fused reduction; its backward is a broadcast for
-    sums, and for max a hand-written `jax.custom_vjp` that compares each of the window's strided views
-    with the maximum and sends the gradient to the first match in row-major order (as PyTorch; ties
+  - sums with stride == window along a dim: the window's strided slices of that dim added, one dim at
+    a time (one fused pass; faster than reshape + reduce, which XLA CPU hands to a library call with a
+    fixed overhead: 2x2 average of 32x28x28x16, forward, 0.10 vs 0.16-0.21 ms; of 128x32x32x32,
+    0.59 vs 0.93 ms).
+  - max with stride == window on every spatial dim: crop what "valid" drops, reshape each spatial dim
+    into (out, window) and reduce the window axes. One fused reduction; its backward is a hand-written
+    `jax.custom_vjp` that compares each of the window's strided views with the maximum and sends the gradient to the first match in row-major order (as PyTorch; ties
     stay deterministic). Autodiff of the reduction would split the gradient among tied cells, which
     costs a count pass and a divide: with ReLU in front, fwd+bwd of 2x2 max pooling on 128x26x26x32
     inside lax.scan went from 30-43 ms to 12-19 ms on a loaded 2-core CPU.
-  - otherwise (overlapping or gapped windows), separably, one spatial dim at a time (a dim whose
-    stride equals its window still uses the reshape):
+  - otherwise (overlapping or gapped windows), separably, one spatial dim at a time (for max, a dim
+    whose stride equals its window still uses the reshape):
       max: combine the `window` strided slices of that dim with `maximum`;
       sum: a 1-D `lax.reduce_window` add along that dim.
 `lax.reduce_window` max is avoided: on XLA CPU its backward (select_and_scatter) is slow, and slower
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import operator
 from typing import Sequence
 
 import jax
@@ -55,12 +59,16 @@ def _reduce_windows(x, window: Sequence[int], strides: Sequence[int], kind: str)
   spatial = x.shape[1:-1]
   out = tuple((size - k) // s + 1 for size, k, s in zip(spatial, window, strides))
   reduce = jnp.max if kind == "max" else jnp.sum
-  if tuple(window) == tuple(strides):
-    if kind == "max":
-      return _max_tiles(x, tuple(window))
-    return _reduce_tiles(x, window, reduce)
+  if kind == "max" and tuple(window) == tuple(strides):
+    return _max_tiles(x, tuple(window))
   for d, (o, k, s) in enumerate(zip(out, window, strides)):
     axis = 1 + d
+    if k == s and kind == "sum":
+      # The k strided slices of this dim added: one fused pass, faster than the reshape's reduction
+      # (a library call with fixed overhead on XLA CPU) on every measured shape.
+      pieces = [lax.slice_in_dim(x, tap, tap + (o - 1) * s + 1, stride=s, axis=axis) for tap in range(k)]
+      x = functools.reduce(operator.add, pieces)
+      continue
     if k == s:
       x = lax.slice_in_dim(x, 0, o * k, axis=axis)
       x = reduce(x.reshape(*x.shape[:axis], o, k, *x.shape[axis + 1:]), axis=axis + 1)
