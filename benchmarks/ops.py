@@ -3,7 +3,8 @@
     python -m benchmarks.ops [--batch 32] [--iters 10] [--repeats 5] [--cases conv_mnist2,maxpool_2x2]
                              [--out PATH]
 
-Shapes are those of the registered small CNNs' layers (batch --batch). For each case and mode
+Shapes are those of the registered small CNNs' layers (batch --batch). Convolutions are timed under every
+lowering; the one the default setting ("auto") picks for the shape is marked "= auto". For each case and mode
 (forward; forward+backward = the gradients of sum(y^2)/2 w.r.t. every floating input, i.e. x and
 the weights), every
 JAX contender runs `--iters` iterations inside ONE jitted lax.scan, the way `fit` runs training steps
@@ -154,6 +155,10 @@ def bench_case(case: Case, *, batch: int, iters: int, repeats: int, torch, seed:
   bound = lambda f: (lambda *a: f(*a, **case.kwargs))  # noqa: E731
   result = {"op": case.op, "note": case.note, "shapes": [list(s) for s in shapes], "kwargs": case.kwargs,
             "modes": {}}
+  if case.op == "conv2d":
+    # The lowering the default setting ("auto") traces this shape with: the fast path users get.
+    result["auto_lowering"] = ops.resolve_conv_lowering(shapes[0], shapes[1],
+                                                        strides=case.kwargs.get("strides", 1))
   for mode in ("forward", "forward+backward"):
     backward = mode != "forward"
     contenders = {}
@@ -189,9 +194,11 @@ def bench_case(case: Case, *, batch: int, iters: int, repeats: int, torch, seed:
 def print_report(results: dict) -> None:
   rows = []
   for name, r in results.items():
+    auto = f"fast[{r['auto_lowering']}]" if "auto_lowering" in r else None
     for mode, m in r["modes"].items():
       for k, s in m["ms_per_iter"].items():
-        rows.append([f"{name} {mode}", k, s["median"], s["min"], s["max"],
+        label = f"{k} = auto" if k == auto else k
+        rows.append([f"{name} {mode}", label, s["median"], s["min"], s["max"],
                      m["fast_over_reference"].get(k), m.get("fast_over_torch", {}).get(k)])
   print(_common.format_table(["case", "contender", "ms/iter", "min", "max", "/ reference", "/ torch"], rows))
 
