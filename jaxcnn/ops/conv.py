@@ -8,8 +8,9 @@ Lowerings (chosen at trace time, see `set_conv_lowering`):
             become one matmul batched over groups; depthwise convs (one input channel per group) skip the
             patch matrix and sum kh*kw elementwise products instead. For groups == 1 the backward pass
             is written by hand (`jax.custom_vjp`): the weight gradient is patches^T @ dY contracted
-            over the rows of both matrices in place (`_gram`), and the input gradient is dY @ kernel^T folded
-            back onto the input (one pad per tap, summed: the adjoint of the slices). Autodiff of the
+            over the rows of both matrices in place (`_gram`), and the input gradient is
+            dY @ kernel^T folded back onto the input (one pad per tap, summed: the adjoint of the
+            slices). Autodiff of the
             forward computes the same but makes XLA copy dY into a transposed buffer first; inside
             lax.scan on a loaded 2-core CPU the hand-written backward was 1.2-1.5x faster for
             128x13x13x32 -> 64 (forward + both gradients) and 3-5x for 128x28x28x1 -> 32 (weight
@@ -19,8 +20,8 @@ Lowerings (chosen at trace time, see `set_conv_lowering`):
             padded row convolved with every kernel row at once; output row i then adds kernel row di's
             part of padded row i*sh + di*dh (kh slices, summed). Memory traffic per output pixel is
             kw*C + kh*O values instead of im2col's kh*kw*C: no more when kw*C + kh*O <= kh*kw*C (for
-            3x3 kernels, O <= 2C). Dense 2-D convs only (grouped convs
-            and conv1d take the im2col path); the backward is written by hand, like im2col's: the
+            3x3 kernels, O <= 2C). Dense 2-D convs only (grouped convs and conv1d take the im2col
+            path); the backward is written by hand, like im2col's: the
             weight gradient is row patches^T @ dZ, where dZ places dY's rows at each kernel row's
             offset, and the input gradient is dZ @ kernel^T folded back over the kw column taps.
   "auto"    on CPU, per convolution: "rows" for dense 2-D convs with unit row stride where it moves no
@@ -41,9 +42,9 @@ All lowerings keep the input dtype, accumulate low-precision (bfloat16/float16) 
 (`preferred_element_type`), add the bias in the accumulator dtype and cast back once. im2col's
 hand-written backward also sums the kh*kw per-tap contributions to the input gradient in the
 accumulator dtype and rounds once ("rows" likewise sums its kh row blocks and kw column taps in the
-accumulator dtype); grouped and depthwise im2col convolutions are differentiated by
-autodiff, whose input gradient adds those contributions in the input dtype (a few more bfloat16
-roundings than the XLA lowering).
+accumulator dtype); grouped and depthwise im2col convolutions are differentiated by autodiff, whose
+input gradient adds those contributions in the input dtype (a few more bfloat16 roundings than the XLA
+lowering).
 """
 from __future__ import annotations
 
