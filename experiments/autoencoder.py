@@ -140,11 +140,12 @@ def _denoise_all(model, variables, pipeline):
 
 def plot_denoised(path, clean, noisy, denoised, *, title: str) -> None:
   """A 3-row figure: clean, noisy and denoised versions of the same images (one per column)."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  from matplotlib.figure import Figure
+
+  from jaxcnn.inspect import save_figure
   columns = len(clean)
-  fig, axes = plt.subplots(3, columns, figsize=(1.3 * columns + 1.2, 4.6), squeeze=False)
+  fig = Figure(figsize=(1.3 * columns + 1.2, 4.6), layout="tight")
+  axes = fig.subplots(3, columns, squeeze=False)
   for row, (label, images) in enumerate((("clean", clean), ("noisy input", noisy), ("denoised", denoised))):
     for col in range(columns):
       ax = axes[row, col]
@@ -153,17 +154,16 @@ def plot_denoised(path, clean, noisy, denoised, *, title: str) -> None:
       ax.set_yticks([])
     axes[row, 0].set_ylabel(label, fontsize=11)
   fig.suptitle(title, fontsize=12)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  save_figure(fig, path)
 
 
 def plot_losses(path, history: dict, *, title: str) -> None:
   """Training and test loss per epoch."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(6, 4))
+  from matplotlib.figure import Figure
+
+  from jaxcnn.inspect import save_figure
+  fig = Figure(figsize=(6, 4), layout="tight")
+  ax = fig.subplots()
   ax.plot(history["epoch"], history["loss"], "o-", label="training (noisy -> clean)")
   if "val_loss" in history:
     ax.plot(history["epoch"], history["val_loss"], "s-", label="test (noisy -> clean)")
@@ -172,9 +172,7 @@ def plot_losses(path, history: dict, *, title: str) -> None:
   ax.set_title(title)
   ax.grid(alpha=0.3)
   ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  save_figure(fig, path)
 
 
 def main(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:

@@ -232,12 +232,13 @@ def _fit(model, train_data, test_data, config, epochs: int, workdir, freeze=(), 
 
 def plot_cases(path, cases: dict, *, title: str) -> None:
   """Grouped bars: test accuracy of each case, transferred vs trained from scratch."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  from matplotlib.figure import Figure
+
+  from jaxcnn.inspect import save_figure
   names = list(cases)
   x = np.arange(len(names))
-  fig, ax = plt.subplots(figsize=(9, 4.8))
+  fig = Figure(figsize=(9, 4.8), layout="tight")
+  ax = fig.subplots()
   width = 0.38
   transfer = [cases[n]["test_accuracy"] for n in names]
   bars = ax.bar(x - width / 2, transfer, width, label="transferred from MNIST 0-4")
@@ -255,9 +256,7 @@ def plot_cases(path, cases: dict, *, title: str) -> None:
   ax.set_title(title)
   ax.grid(axis="y", alpha=0.3)
   ax.legend(loc="upper center", ncols=2)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  save_figure(fig, path)
 
 
 def main(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:

@@ -9,7 +9,7 @@ from jaxcnn.inspect.features import feature_maps
 from jaxcnn.inspect.summary import ModelSummary, SummaryRow, summary
 
 _PLOTS = ("confusion_matrix", "plot_confusion_matrix", "plot_feature_maps", "plot_filters", "plot_history",
-          "plot_images")
+          "plot_images", "save_figure")
 
 
 def __getattr__(name):

@@ -19,13 +19,14 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 __all__ = ["confusion_matrix", "plot_confusion_matrix", "plot_feature_maps", "plot_filters", "plot_history",
-           "plot_images"]
+           "plot_images", "save_figure"]
 
 _DPI = 100
 
 
-def _save(fig: Figure, path) -> pathlib.Path:
-  """Writes `fig` to `path` as PNG (parent folders created) and returns the path."""
+def save_figure(fig: Figure, path) -> pathlib.Path:
+  """Writes a `matplotlib.figure.Figure` to `path` as PNG (parent folders created; no pyplot state) at
+  the resolution of every figure here, and returns the path. Raises ValueError for a non-.png path."""
   path = pathlib.Path(path)
   if path.suffix.lower() != ".png":
     raise ValueError(f"path: expected a .png file name, got {str(path)!r}")
@@ -133,7 +134,7 @@ def plot_history(history: Mapping[str, Sequence[float]], path, *, title: str = "
     ax.grid(True, alpha=0.3)
     ax.legend()
   fig.suptitle(title)
-  return _save(fig, path)
+  return save_figure(fig, path)
 
 
 # -- confusion matrix --------------------------------------------------------------------------------
@@ -206,7 +207,7 @@ def plot_confusion_matrix(cm, class_names: Sequence[str], path, *, title: str = 
   ax.set_xlabel("predicted label")
   ax.set_ylabel("true label")
   ax.set_title(f"{title} (accuracy {accuracy:.4f}, {int(total)} examples)")
-  return _save(fig, path)
+  return save_figure(fig, path)
 
 
 # -- filters and feature maps ---------------------------------------------------------------------------
@@ -256,7 +257,7 @@ def plot_filters(kernel_hwio, path, *, title: str = "First-layer filters", max_f
   channels = "RGB" if cin == 3 else ("grey" if cin == 1 else f"mean of {cin} input channels")
   more = f", first {shown} of {cout}" if shown < cout else ""
   fig.suptitle(f"{title} ({kh}x{kw}, {channels}{more})")
-  return _save(fig, path)
+  return save_figure(fig, path)
 
 
 def _one_example(array: np.ndarray, name: str) -> np.ndarray:
@@ -325,7 +326,7 @@ def plot_feature_maps(maps: Mapping[str, object], path, image=None, *, max_chann
       ax.set_title(f"ch {channel}", fontsize=7)
   fig.suptitle(f"{title} (first {max_channels} channels per layer, each tile scaled to its own range)"
                if any(a.shape[-1] > max_channels for a in layers.values()) else title)
-  return _save(fig, path)
+  return save_figure(fig, path)
 
 
 def plot_images(images: Sequence, titles: Sequence[str], path, *, cols: int = 4,
@@ -374,4 +375,4 @@ def plot_images(images: Sequence, titles: Sequence[str], path, *, cols: int = 4,
     ax.set_title(str(titles[index]), fontsize=9)
   if title:
     fig.suptitle(title)
-  return _save(fig, path)
+  return save_figure(fig, path)
