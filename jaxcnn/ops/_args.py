@@ -15,6 +15,13 @@ PairOrInt = Union[int, Sequence[int]]
 Padding = Union[str, int, Sequence]
 
 
+def pad_spatial(x, pads, value=0.0):
+  """x (N, *spatial, C) with the spatial dims padded by `pads` ((lo, hi) per dim) cells of `value`."""
+  if not any(lo or hi for lo, hi in pads):
+    return x
+  return jnp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=value)
+
+
 def check_rank(x, rank: int, name: str, layout: str):
   """Raises ValueError unless `x` has `rank` dims (`layout` names them, e.g. "(N, H, W, C)")."""
   ndim = jnp.ndim(x)

@@ -58,7 +58,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxcnn.errors import ConfigError
-from jaxcnn.ops._args import Padding, PairOrInt, parse_conv_args
+from jaxcnn.ops._args import Padding, PairOrInt, pad_spatial, parse_conv_args
 
 __all__ = ["conv1d", "conv2d", "conv_lowering", "get_conv_lowering", "set_conv_lowering",
            "resolve_conv_lowering", "CONV_LOWERINGS"]
@@ -171,13 +171,9 @@ def _conv_xla(x, w, strides, pads, dilation, groups, acc_dtype):
       feature_group_count=groups, preferred_element_type=acc_dtype)
 
 
-def _pad_spatial(x, pads):
-  return lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), *((lo, hi, 0) for lo, hi in pads), (0, 0, 0)))
-
-
 def _shifted_slices(x, window, strides, pads, dilation):
   """The kh*kw (or k) strided views of the padded input, one per kernel tap, each (N, *out, C)."""
-  xp = _pad_spatial(x, pads)
+  xp = pad_spatial(x, pads)
   out = [(size - (k - 1) * d - 1) // s + 1
          for size, k, s, d in zip(xp.shape[1:-1], window, strides, dilation)]
   slices = []
@@ -297,20 +293,21 @@ def _conv_im2col(x, w, strides, pads, dilation, groups, acc_dtype):
 
 
 def _rows_geometry(x_shape, w_shape, strides, pads, dilation):
-  """Sizes of the "rows" lowering: padded width, rows of the padded input that are read, output size."""
+  """Sizes of the "rows" lowering: padded height and width, rows of the padded input that are read,
+  output size."""
   (kh, kw), (sh, sw), (dh, dw) = w_shape[:2], strides, dilation
   hp, wp = (size + lo + hi for size, (lo, hi) in zip(x_shape[1:3], pads))
   ho, wo = (hp - (kh - 1) * dh - 1) // sh + 1, (wp - (kw - 1) * dw - 1) // sw + 1
   used = (ho - 1) * sh + (kh - 1) * dh + 1  # rows below this are never read (valid convs with stride)
-  return wp, used, ho, wo
+  return hp, wp, used, ho, wo
 
 
 def _row_patches(x, w_shape, strides, pads, dilation):
   """(N, rows used, Wo, kw * C): the kw column-shifted (and column-strided) views of the padded input,
   side by side; column-major over taps like the kernel matrix of `_rows_kernel`."""
   kw, sw, dw = w_shape[1], strides[1], dilation[1]
-  _, used, _, wo = _rows_geometry(x.shape, w_shape, strides, pads, dilation)
-  xp = _pad_spatial(x, pads)
+  _, _, used, _, wo = _rows_geometry(x.shape, w_shape, strides, pads, dilation)
+  xp = pad_spatial(x, pads)
   views = [lax.slice(xp, (0, 0, j * dw, 0), (xp.shape[0], used, j * dw + (wo - 1) * sw + 1, xp.shape[3]),
                      (1, 1, sw, 1)) for j in range(kw)]
   return views[0] if kw == 1 else jnp.concatenate(views, axis=-1)
@@ -331,7 +328,7 @@ def _rows_dense(x, w, strides, pads, dilation, acc_dtype):
 def _rows_dense_forward(x, w, strides, pads, dilation, acc_dtype):
   kh, o = w.shape[0], w.shape[-1]
   sh, dh = strides[0], dilation[0]
-  _, _, ho, wo = _rows_geometry(x.shape, w.shape, strides, pads, dilation)
+  _, _, _, ho, wo = _rows_geometry(x.shape, w.shape, strides, pads, dilation)
   # z[n, r, j, di * O + o] = sum over (dj, c) of xpad[n, r, j * sw + dj * dw, c] * w[di, dj, c, o]: each
   # padded row convolved with every kernel row at once; output row i adds kernel row di's part of
   # padded row i * sh + di * dh.
@@ -349,7 +346,7 @@ def _rows_dense_backward(strides, pads, dilation, acc_dtype, residuals, dy):
   x, w = residuals
   kh, kw, c, _ = w.shape
   (sh, sw), (dh, dw) = strides, dilation
-  wp, used, ho, wo = _rows_geometry(x.shape, w.shape, strides, pads, dilation)
+  hp, wp, used, ho, wo = _rows_geometry(x.shape, w.shape, strides, pads, dilation)
   dy = dy.astype(x.dtype)
   zero = jnp.zeros((), dy.dtype)
   # dz, the gradient of z: output row i's gradient lands on padded row i * sh + di * dh of block di
@@ -370,7 +367,6 @@ def _rows_dense_backward(strides, pads, dilation, acc_dtype, residuals, dy):
     columns = (j * dw, wp - j * dw - (wo - 1) * sw - 1, sw - 1)
     placed = lax.pad(block, acc_zero, ((0, 0, 0), (0, 0, 0), columns, (0, 0, 0)))
     total = placed if total is None else total + placed
-  hp = x.shape[1] + pads[0][0] + pads[0][1]
   dx = lax.pad(total, acc_zero, ((0, 0, 0), (-pads[0][0], hp - used - pads[0][1], 0),
                                  (-pads[1][0], -pads[1][1], 0), (0, 0, 0)))
   dw_kernel = jnp.transpose(dw_matrix.reshape(kw, c, kh, -1), (2, 0, 1, 3))

@@ -41,7 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxcnn.ops._args import PairOrInt, Padding, check_floating, check_rank, compute_dtype, parse_pool_args
+from jaxcnn.ops._args import (PairOrInt, Padding, check_floating, check_rank, compute_dtype, pad_spatial,
+                              parse_pool_args)
 
 __all__ = [
     "max_pool2d", "avg_pool2d", "global_avg_pool2d", "global_max_pool2d",
@@ -148,12 +149,6 @@ def _max_tiles_backward(window, residuals, g):
 _max_tiles.defvjp(_max_tiles_forward, _max_tiles_backward)
 
 
-def _pad_spatial(x, pads, value):
-  if not any(lo or hi for lo, hi in pads):
-    return x
-  return jnp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=value)
-
-
 def _real_cell_counts(spatial, window, strides, pads):
   """(1, *out, 1) float64 numpy array: how many real (unpadded) cells each window covers."""
   counts = np.ones((), np.float64)
@@ -168,7 +163,7 @@ def _real_cell_counts(spatial, window, strides, pads):
 def _max_pool(x, pool_size, strides, padding, n):
   window, strides, pads = parse_pool_args(x, pool_size, strides, padding, n, _LAYOUTS[n])
   x = jnp.asarray(x)
-  x = _pad_spatial(x, pads, -jnp.inf)
+  x = pad_spatial(x, pads, -jnp.inf)
   return _reduce_windows(x, window, strides, "max")
 
 
@@ -178,7 +173,7 @@ def _avg_pool(x, pool_size, strides, padding, count_include_pad, n):
   dtype = x.dtype
   spatial = x.shape[1:-1]
   # Sum in (at least) float32 even for bfloat16 inputs: a window of k*k rounded terms loses bits otherwise.
-  sums = _reduce_windows(_pad_spatial(x.astype(compute_dtype(dtype)), pads, 0.0), window, strides, "sum")
+  sums = _reduce_windows(pad_spatial(x.astype(compute_dtype(dtype)), pads, 0.0), window, strides, "sum")
   if count_include_pad:
     return (sums * (1.0 / float(np.prod(window)))).astype(dtype)
   inverse = 1.0 / _real_cell_counts(spatial, window, strides, pads)
