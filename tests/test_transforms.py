@@ -191,3 +191,62 @@ def test_forward_mode_through_models_matches_xla_and_reverse_mode(name):
 @pytest.mark.parametrize("name", [n for n in models.names() if n not in _FORWARD_MODELS])
 def test_forward_mode_through_every_registered_model(name):
   _check_model_forward_mode(name)
+
+
+# -- layers and ops inside scans, remat, pmap, donation ----------------------------------------------------
+
+def test_layers_under_nn_scan_and_remat_match_the_xla_convolution():
+  import flax.linen as nn
+  from jaxcnn import layers
+
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+      x = layers.Conv2D(4, 3, padding="same", use_bias=False)(x)
+      x = layers.BatchNorm(momentum=0.9)(x, train=True)
+      return layers.MaxPool2D(3, strides=1, padding="same")(jax.nn.relu(x)), None
+
+  stack = nn.scan(nn.remat(Block), variable_axes={"params": 0, "batch_stats": 0},
+                  split_rngs={"params": True}, length=3)()
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 6, 6, 4)), jnp.float32)
+  variables = jax.jit(lambda x: stack.init(jax.random.key(0), x, None))(x)
+
+  def step(variables, x):
+    def loss(params):
+      (y, _), updates = stack.apply({**variables, "params": params}, x, None, mutable=["batch_stats"])
+      return jnp.sum(y ** 2), updates
+    return jax.grad(loss, has_aux=True)(variables["params"])
+
+  results = {}
+  for lowering in ("auto", "xla"):
+    with ops.conv_lowering(lowering):
+      results[lowering] = jax.jit(step)(variables, x)
+  for a, e in zip(jax.tree.leaves(results["auto"]), jax.tree.leaves(results["xla"])):
+    assert_close(a, e, rtol=1e-4, atol=1e-4 * max(1.0, float(np.max(np.abs(e)))))
+
+
+def test_ops_under_lax_scan_pmap_and_donation_match_the_reference():
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.standard_normal((4, 6, 6, 3)), jnp.float32)
+  kernels = jnp.asarray(rng.standard_normal((3, 3, 3, 3, 3)) * 0.3, jnp.float32)  # 3 layers
+
+  def net(conv, pool):
+    def loss(kernels, x):
+      def layer(h, w):
+        return pool(jnp.tanh(conv(h, w, padding="same")), 2, strides=1, padding="same"), None
+      return jnp.sum(jax.lax.scan(layer, x, kernels)[0] ** 2)
+    return loss
+
+  expected = jax.jit(jax.grad(net(reference.conv2d, reference.max_pool2d), argnums=(0, 1)))(kernels, x)
+  assert ops.resolve_conv_lowering(x.shape, kernels.shape[1:]) == "rows"  # "auto" here is "rows"
+  for lowering in ("auto", "im2col"):
+    with ops.conv_lowering(lowering):
+      loss = net(ops.conv2d, ops.max_pool2d)
+      donated = jax.jit(jax.grad(loss, argnums=(0, 1)), donate_argnums=(0, 1))(kernels + 0.0, x + 0.0)
+      devices = jax.local_devices()[:2]
+      per_device = jax.pmap(jax.grad(loss, argnums=(0, 1)), in_axes=(None, 0), devices=devices)(
+          kernels, x.reshape(len(devices), -1, *x.shape[1:]))
+    for a, e in zip(donated, expected):
+      assert_close(a, e, rtol=1e-4, atol=1e-4 * max(1.0, float(np.max(np.abs(e)))))
+    assert_close(per_device[0].sum(0), expected[0], rtol=1e-4, atol=1e-4 * float(np.max(np.abs(expected[0]))))
+    assert_close(per_device[1].reshape(x.shape), expected[1], rtol=1e-4, atol=1e-4)
