@@ -147,7 +147,9 @@ def _check_model_forward_mode(name):
   spec = models.spec(name)
   model = models.get(name) if spec.task == "reconstruction" else models.get(name, num_classes=10)
   rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.uniform(size=(2, *spec.input_shape)), jnp.float32)
+  # Batch 4: in training mode the deepest BatchNorms of a ResNet see 1x1 maps, and the statistics of a
+  # batch of 2 would amplify the rounding differences between convolution algorithms past 1e-4.
+  x = jnp.asarray(rng.uniform(size=(4, *spec.input_shape)), jnp.float32)
   variables = jax.eval_shape(model.init, {"params": jax.random.key(0)}, x)
   variables = jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape) * 0.1, a.dtype), variables)
   if "batch_stats" in variables:
