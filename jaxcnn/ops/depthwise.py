@@ -1,11 +1,15 @@
 """Fast depthwise convolution, NHWC input, Keras `DepthwiseConv2D` kernel (kh, kw, C, depth_multiplier).
 
 Each input channel c is convolved with its own M = depth_multiplier filters; output channel c * M + m
-(TensorFlow's `tf.nn.depthwise_conv2d` order) is channel c through filter m. That is exactly
-`jaxcnn.ops.conv2d` with groups = C and the kernel reshaped (free, row-major) to (kh, kw, 1, C * M), so
-this op is that call: on CPU conv2d sums the kh * kw shifted slices times per-channel weights directly
-(no patch matrix: a contraction of length one per tap would be all overhead), on GPU/TPU it is XLA's
-convolution with `feature_group_count`.
+(TensorFlow's `tf.nn.depthwise_conv2d` order) is channel c through filter m. That is `jaxcnn.ops.conv2d`
+with groups = C and the kernel reshaped (free, row-major) to (kh, kw, 1, C * M), which is what runs on
+GPU/TPU (XLA's convolution with `feature_group_count`, the "xla" lowering).
+
+On CPU a matmul would contract one value per tap, so the op sums the kh * kw shifted (strided, dilated)
+slices of the padded input times the per-channel weights directly, on (N, H', W', C * M) arrays: the
+channel axis, the one XLA vectorises, stays the minor axis of every product (with M > 1 the input is
+first repeated M times along the channels, so that channel c * M + m holds channel c). Autodiff turns
+the slices into pads for the input gradient and into per-tap reductions for the kernel gradient.
 
 The argument checks live in `_parse_depthwise_args` here, reused by `jaxcnn.reference.depthwise_conv2d`
 so both twins reject the same input with the same message.
@@ -13,10 +17,11 @@ so both twins reject the same input with the same message.
 from __future__ import annotations
 
 import jax.numpy as jnp
+from jax import lax
 
 from jaxcnn.ops._args import (Padding, PairOrInt, check_floating, check_rank, check_window_fits,
-                              normalize_tuple, resolve_padding)
-from jaxcnn.ops.conv import conv2d
+                              normalize_tuple, pad_spatial, resolve_padding)
+from jaxcnn.ops.conv import conv2d, resolve_conv_lowering
 
 __all__ = ["depthwise_conv2d"]
 
@@ -74,7 +79,33 @@ def depthwise_conv2d(x, w, b=None, *, strides: PairOrInt = 1, padding: Padding =
     unknown padding, or a kernel larger than the padded input.
   """
   strides, pads, dilation = _parse_depthwise_args(x, w, b, strides, padding, dilation)
-  w = jnp.asarray(w)
+  dtype = jnp.result_type(x, w) if b is None else jnp.result_type(x, w, b)
+  x, w = jnp.asarray(x, dtype), jnp.asarray(w, dtype)
   kh, kw, channels, multiplier = w.shape
-  return conv2d(x, w.reshape(kh, kw, 1, channels * multiplier), b, strides=strides, padding=pads,
-                dilation=dilation, groups=channels)
+  grouped = w.reshape(kh, kw, 1, channels * multiplier)
+  if resolve_conv_lowering(x.shape, grouped.shape, strides=strides, groups=channels) == "xla":
+    return conv2d(x, grouped, b, strides=strides, padding=pads, dilation=dilation, groups=channels)
+  return _depthwise_taps(x, w.reshape(kh, kw, channels * multiplier), b, multiplier, strides, pads, dilation)
+
+
+def _depthwise_taps(x, w, b, multiplier, strides, pads, dilation):
+  """sum over taps of slice(xpad) * w[tap] on (N, H', W', C * M), accumulated in float32 for narrower
+  dtypes and rounded once."""
+  acc = jnp.float32 if jnp.finfo(x.dtype).bits < 32 else x.dtype
+  kh, kw, c_out = w.shape
+  (sh, sw), (dh, dw) = strides, dilation
+  xp = pad_spatial(x, pads)
+  if multiplier > 1:
+    xp = jnp.repeat(xp, multiplier, axis=-1)  # channel c * M + m holds input channel c
+  n, hp, wp, _ = xp.shape
+  ho, wo = (hp - (kh - 1) * dh - 1) // sh + 1, (wp - (kw - 1) * dw - 1) // sw + 1
+  y = None
+  for i in range(kh):
+    for j in range(kw):
+      view = lax.slice(xp, (0, i * dh, j * dw, 0), (n, i * dh + (ho - 1) * sh + 1, j * dw + (wo - 1) * sw + 1,
+                                                    c_out), (1, sh, sw, 1))
+      term = view.astype(acc) * w[i, j].astype(acc).reshape(1, 1, 1, c_out)
+      y = term if y is None else y + term
+  if b is not None:
+    y = y + jnp.asarray(b, acc).reshape(1, 1, 1, c_out)
+  return y.astype(x.dtype)

@@ -69,13 +69,17 @@ def test_channel_order_by_hand(module):
   np.testing.assert_array_equal(np.asarray(out[0, :, :, 1]), [[40, 40], [40, 40]])
 
 
-def test_cpu_path_has_no_patch_matmul():
-  # On CPU the grouped conv with one channel per group sums elementwise products: no dot, no conv.
+def test_cpu_path_sums_taps_with_channels_minor():
+  # On CPU: elementwise products of shifted slices, no dot and no conv, and every product 4-D with
+  # the C * M channels last (a trailing multiplier axis of size M would leave XLA nothing to vectorise).
   (x, w, b), kwargs = example_depthwise_conv2d()
   with ops.conv_lowering("auto"):
-    jaxpr = str(jax.make_jaxpr(jax.grad(lambda x, w: jnp.sum(ops.depthwise_conv2d(x, w, b, **kwargs) ** 2),
-                                        argnums=(0, 1)))(x, w))
-  assert "dot_general" not in jaxpr and "conv_general_dilated" not in jaxpr
+    jaxpr = jax.make_jaxpr(jax.grad(lambda x, w: jnp.sum(ops.depthwise_conv2d(x, w, b, **kwargs) ** 2),
+                                    argnums=(0, 1)))(x, w)
+  names = {e.primitive.name for e in jaxpr.jaxpr.eqns}
+  assert not names & {"dot_general", "conv_general_dilated", "custom_vjp_call"}
+  products = [e.outvars[0].aval.shape for e in jaxpr.jaxpr.eqns if e.primitive.name == "mul"]
+  assert products and all(len(shape) == 4 for shape in products if len(shape) > 1)
 
 
 def test_transformations_match_reference():
