@@ -2,8 +2,15 @@
 
 Neither keeps running statistics: the statistics of each example are used in training and evaluation
 alike. Statistics are computed in float32 (float64 for float64 x; also for bfloat16 x) with two passes
-(mean, then the mean squared deviation from it); the normalisation and the affine map are folded into
-one multiply-add per element, as in `jaxcnn.ops.batch_norm`.
+(mean, then the mean squared deviation from it).
+
+group_norm reduces the spatial axes of the (N, ..., C) array first, to per-channel sums (N, C), and
+adds those up per group; the normalisation and the affine map are then folded into (N, C) vectors, one
+multiply-add per element, as in `jaxcnn.ops.batch_norm`. (Reducing a (N, positions, G, C / G) view over
+its non-minor axes instead was 6x slower on CPU, forward and backward.) layer_norm's statistics are per
+position, so folding the per-channel scale into them would make full-size coefficient arrays: it
+computes (x - mean) * rsqrt(var + epsilon) * scale + bias, which XLA fuses into one pass (the folded form
+measured 1.2-1.3x slower on CPU, forward and backward).
 
 The argument checks live in the private `_check_*` helpers here, reused by `jaxcnn.reference.group_norm`
 / `layer_norm` so both twins reject the same input with the same message.
@@ -13,6 +20,7 @@ from __future__ import annotations
 import numbers
 
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jaxcnn.ops._args import check_floating, compute_dtype
@@ -86,21 +94,28 @@ def group_norm(x, scale, bias, *, groups: int, epsilon: float = 1e-3):
   channels = _check_group_norm_args(x, scale, bias, groups, epsilon)
   x = jnp.asarray(x)
   acc = compute_dtype(x.dtype)
-  per_group = channels // groups
-  # (N, positions, G, C / G): the statistics reduce axes 1 and 3.
-  xg = x.astype(acc).reshape(x.shape[0], -1, groups, per_group)
-  mean = jnp.mean(xg, axis=(1, 3), keepdims=True)
-  var = jnp.mean(jnp.square(xg - mean), axis=(1, 3), keepdims=True)
-  # One multiply-add per element: fold the normalisation and the affine map into (N, 1, G, C / G).
+  n, per_group = x.shape[0], channels // groups
+  spatial = tuple(range(1, x.ndim - 1))
+  count = float(np.prod(x.shape[1:-1])) * per_group
+
+  def group_means(values):
+    """(N, ..., C) -> (N, C): the mean over each example's positions and its channel's group."""
+    sums = jnp.sum(values, axis=spatial) if spatial else values
+    means = sums.reshape(n, groups, per_group).sum(axis=-1, keepdims=True) / count
+    return jnp.broadcast_to(means, (n, groups, per_group)).reshape(n, channels)
+
+  xf = x.astype(acc)
+  shape = (n,) + (1,) * len(spatial) + (channels,)
+  mean = group_means(xf)
+  var = group_means(jnp.square(xf - mean.reshape(shape)))
+  # One multiply-add per element: fold the normalisation and the affine map into (N, C) vectors first.
   inv = lax.rsqrt(var + epsilon)
   if scale is not None:
-    inv = inv * jnp.asarray(scale).astype(acc).reshape(1, 1, groups, per_group)
-  else:
-    inv = jnp.broadcast_to(inv, (x.shape[0], 1, groups, per_group))
+    inv = inv * jnp.asarray(scale).astype(acc).reshape(1, channels)
   shift = -mean * inv
   if bias is not None:
-    shift = shift + jnp.asarray(bias).astype(acc).reshape(1, 1, groups, per_group)
-  return (xg * inv + shift).reshape(x.shape).astype(x.dtype)
+    shift = shift + jnp.asarray(bias).astype(acc).reshape(1, channels)
+  return (xf * inv.reshape(shape) + shift.reshape(shape)).astype(x.dtype)
 
 
 def layer_norm(x, scale, bias, *, epsilon: float = 1e-3):
@@ -125,13 +140,11 @@ def layer_norm(x, scale, bias, *, epsilon: float = 1e-3):
   x = jnp.asarray(x)
   acc = compute_dtype(x.dtype)
   xf = x.astype(acc)
-  mean = jnp.mean(xf, axis=-1, keepdims=True)
-  var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
-  inv = lax.rsqrt(var + epsilon)
+  centred = xf - jnp.mean(xf, axis=-1, keepdims=True)
+  y = centred * lax.rsqrt(jnp.mean(jnp.square(centred), axis=-1, keepdims=True) + epsilon)
   shape = (1,) * (x.ndim - 1) + (features,)
   if scale is not None:
-    inv = inv * jnp.asarray(scale).astype(acc).reshape(shape)
-  shift = -mean * inv
+    y = y * jnp.asarray(scale).astype(acc).reshape(shape)
   if bias is not None:
-    shift = shift + jnp.asarray(bias).astype(acc).reshape(shape)
-  return (xf * inv + shift).astype(x.dtype)
+    y = y + jnp.asarray(bias).astype(acc).reshape(shape)
+  return y.astype(x.dtype)
