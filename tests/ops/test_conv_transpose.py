@@ -42,18 +42,12 @@ def _case_id(case: dict) -> str:
 # Hand-picked to cover each value of every axis with the others varied; output_padding needs a stride
 # or dilation above it. "rows" is what "auto" takes for dense stride-1 kernels with enough channels.
 _CASES_2D = [
-    dict(strides=1, padding="valid", output_padding=None, dilation=1, channels=(3, 4), dtype="float32",
-         lowering="auto"),
-    dict(strides=2, padding="valid", output_padding=1, dilation=1, channels=(2, 5), dtype="float32",
-         lowering="auto"),
     dict(strides=3, padding="same", output_padding=2, dilation=1, channels=(1, 3), dtype="float32",
          lowering="auto"),
     dict(strides=(2, 3), padding=1, output_padding=(1, 2), dilation=1, channels=(3, 4), dtype="float32",
          lowering="auto"),
     dict(strides=2, padding=((2, 0), (1, 3)), output_padding=None, dilation=2, channels=(3, 2),
          dtype="float32", lowering="auto"),
-    dict(strides=1, padding="same", output_padding=None, dilation=(1, 2), channels=(8, 8), dtype="float32",
-         lowering="auto"),
     dict(strides=2, padding="same", output_padding=None, dilation=1, channels=(3, 4), dtype="bfloat16",
          lowering="auto"),
     dict(strides=(1, 2), padding=((0, 1), (2, 2)), output_padding=(0, 1), dilation=2, channels=(2, 3),
@@ -101,6 +95,7 @@ def test_conv1d_transpose_matches_reference(case):
   jaxcnn.verify("conv1d_transpose", x, w, **case).raise_if_failed()
 
 
+@pytest.mark.slow
 def test_conv2d_transpose_without_bias_numerical_gradient():
   (x, w, _), kwargs = example_conv2d_transpose()
   result = jaxcnn.verify("conv2d_transpose", x, w, check_grads=True, **kwargs).raise_if_failed()
@@ -168,7 +163,7 @@ def test_scatter_by_hand(conv):
 
 
 @pytest.mark.parametrize("lowering, strides, padding, dilation, size", [
-    ("auto", 2, 1, 1, 8), ("auto", 3, ((2, 0), (0, 1)), 1, 9), ("xla", 2, "same", 2, 7)])
+    ("auto", 3, ((2, 0), (0, 1)), 1, 9), ("xla", 2, "same", 2, 7)])
 def test_is_the_input_gradient_of_conv2d(lowering, strides, padding, dilation, size):
   # For a conv2d from (size x size+1) to (H', W'), the vjp w.r.t. its input is conv2d_transpose of the
   # cotangent with the same kernel, when padding/output_padding give back the input size.
