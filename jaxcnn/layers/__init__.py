@@ -13,9 +13,19 @@ from jaxcnn.layers.pooling import (AvgPool1D, AvgPool2D, GlobalAvgPool1D, Global
 from jaxcnn.layers.reshaping import UpSampling2D, ZeroPadding2D
 from jaxcnn.layers.sequential import Sequential
 
+# Keras' names for the same classes (a model transcribed from Keras runs unchanged).
+AveragePooling1D, AveragePooling2D = AvgPool1D, AvgPool2D
+BatchNormalization = BatchNorm
+GlobalAveragePooling1D, GlobalAveragePooling2D = GlobalAvgPool1D, GlobalAvgPool2D
+GlobalMaxPooling1D, GlobalMaxPooling2D = GlobalMaxPool1D, GlobalMaxPool2D
+MaxPooling1D, MaxPooling2D = MaxPool1D, MaxPool2D
+
 __all__ = [
     "ACTIVATIONS", "Activation", "AvgPool1D", "AvgPool2D", "BatchNorm", "Conv1D", "Conv2D", "Dense",
     "Dropout", "Flatten", "GlobalAvgPool1D", "GlobalAvgPool2D", "GlobalMaxPool1D", "GlobalMaxPool2D",
     "LocalResponseNorm", "MaxPool1D", "MaxPool2D", "Sequential", "UpSampling2D", "ZeroPadding2D",
     "resolve_activation",
+    # Keras names
+    "AveragePooling1D", "AveragePooling2D", "BatchNormalization", "GlobalAveragePooling1D",
+    "GlobalAveragePooling2D", "GlobalMaxPooling1D", "GlobalMaxPooling2D", "MaxPooling1D", "MaxPooling2D",
 ]
