@@ -177,6 +177,13 @@ def _unreachable(urls) -> str | None:
   return None
 
 
+def _downloads_with_tfds(builder) -> bool:
+  """Whether `builder.download_and_prepare` is tfds' own, which imports CATALOG_MODULES and fetches the
+  builder's URLs; a replaced one (tfds.testing.mock_data's no-op, a stand-in) may need neither."""
+  method = getattr(type(builder), "download_and_prepare", None)
+  return getattr(method, "__module__", None) == "tensorflow_datasets.core.dataset_builder"
+
+
 def _catalog(spec: _specs.DatasetSpec, tfds_dir, download: bool, looked: list) -> Resolved | None:
   import tensorflow_datasets as tfds  # noqa: PLC0415
 
@@ -194,15 +201,16 @@ def _catalog(spec: _specs.DatasetSpec, tfds_dir, download: bool, looked: list) -
   if not download:
     looked.append("tfds download: disabled (download=False)")
     return None
-  missing = _missing_catalog_modules()
-  if missing:
-    looked.append(f"tfds download: not possible, the catalog's {spec.catalog} needs {', '.join(missing)} "
-                  f"(pip install {' '.join(missing)})")
-    return None
-  unreachable = _unreachable(getattr(builder, "url_infos", None) or {})
-  if unreachable:
-    looked.append(f"tfds download: failed (cannot reach {unreachable}: network unreachable or blocked)")
-    return None
+  if _downloads_with_tfds(builder):  # checked before tfds' own download code, which needs and does both
+    missing = _missing_catalog_modules()
+    if missing:
+      looked.append(f"tfds download: not possible, the catalog's {spec.catalog} needs {', '.join(missing)} "
+                    f"(pip install {' '.join(missing)})")
+      return None
+    unreachable = _unreachable(builder.url_infos or {})
+    if unreachable:
+      looked.append(f"tfds download: failed (cannot reach {unreachable}: network unreachable or blocked)")
+      return None
   root = pathlib.Path(str(builder.data_dir_root))
   created = [p for p in (root / builder.name, root / "downloads") if not p.exists()]
   _hide_accelerators_from_tf()

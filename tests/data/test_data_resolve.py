@@ -230,7 +230,6 @@ def test_catalog_steps_come_after_raw_dirs_prepared_then_download(tiny_idx, tmp_
   offline_root.mkdir()
   monkeypatch.setattr(tfds, "builder", lambda name, data_dir=None: _OfflineCatalogBuilder(offline_root))
   hidden = []  # TensorFlow is kept off accelerators before a catalog download (not imported here: slow)
-  monkeypatch.setattr(resolve_module, "CATALOG_MODULES", {})  # the stand-in needs no module
   monkeypatch.setattr(resolve_module, "_hide_accelerators_from_tf", lambda: hidden.append(True))
   with pytest.raises(DataError, match=r"tfds download: failed \(ConnectionError: Failed to establish"):
     resolve("mnist", tfds_data_dir=offline_root)
