@@ -68,9 +68,9 @@ CASES = (
     Case("conv_mnist2", "conv2d", ((1, 13, 13, 32), (3, 3, 32, 64), (64,)), {},
          lambda F, x, w, b: F.conv2d(x, w, b), "mnist_convnet conv 2: 13x13x32 -> 11x11x64, 3x3 valid"),
     Case("conv_cifar_same", "conv2d", ((1, 32, 32, 32), (3, 3, 32, 32), (32,)), {"padding": "same"},
-         lambda F, x, w, b: F.conv2d(x, w, b, padding=1), "cifar10_cnn conv 2: 32x32x32 -> 32, 3x3 same"),
+         lambda F, x, w, b: F.conv2d(x, w, b, padding=1), "cifar10_cnn_same conv 2: 32x32x32 -> 32, 3x3 same"),
     Case("conv_cifar_rgb", "conv2d", ((1, 32, 32, 3), (3, 3, 3, 32), (32,)), {"padding": "same"},
-         lambda F, x, w, b: F.conv2d(x, w, b, padding=1), "cifar10_cnn conv 1: 32x32x3 -> 32, 3x3 same"),
+         lambda F, x, w, b: F.conv2d(x, w, b, padding=1), "cifar10_cnn_same conv 1: 32x32x3 -> 32, 3x3 same"),
     Case("conv_stride2", "conv2d", ((1, 16, 16, 64), (3, 3, 64, 128), (128,)), {"strides": 2, "padding": 1},
          lambda F, x, w, b: F.conv2d(x, w, b, stride=2, padding=1), "ResNet-style downsampling: 16x16x64 -> "
          "8x8x128, 3x3 stride 2 pad 1"),

@@ -16,6 +16,13 @@ from jaxcnn.layers.reshaping import UpSampling2D, ZeroPadding2D
 from jaxcnn.layers.sequential import Sequential
 from jaxcnn.layers.spatial import Cropping2D, SpatialDropout2D
 
+# Keras' names for the same classes (a model transcribed from Keras runs unchanged).
+AveragePooling1D, AveragePooling2D = AvgPool1D, AvgPool2D
+BatchNormalization = BatchNorm
+GlobalAveragePooling1D, GlobalAveragePooling2D = GlobalAvgPool1D, GlobalAvgPool2D
+GlobalMaxPooling1D, GlobalMaxPooling2D = GlobalMaxPool1D, GlobalMaxPool2D
+MaxPooling1D, MaxPooling2D = MaxPool1D, MaxPool2D
+
 __all__ = [
     "ACTIVATIONS", "Activation", "AvgPool1D", "AvgPool2D", "BatchNorm", "Conv1D", "Conv2D", "Dense",
     "Dropout", "Flatten", "GlobalAvgPool1D", "GlobalAvgPool2D", "GlobalMaxPool1D", "GlobalMaxPool2D",
@@ -23,4 +30,7 @@ __all__ = [
     "resolve_activation",
     "Conv1DTranspose", "Conv2DTranspose", "Cropping2D", "DepthwiseConv2D", "GroupNormalization",
     "LayerNormalization", "SeparableConv2D", "SpatialDropout2D",
+    # Keras names
+    "AveragePooling1D", "AveragePooling2D", "BatchNormalization", "GlobalAveragePooling1D",
+    "GlobalAveragePooling2D", "GlobalMaxPooling1D", "GlobalMaxPooling2D", "MaxPooling1D", "MaxPooling2D",
 ]
