@@ -267,7 +267,8 @@ def _init(layer, shape, dtype=jnp.float32):
 @pytest.mark.parametrize("layer, shape, dtype, message", [
     (L.Conv2DTranspose(4, 3), (5, 5, 3), jnp.float32, r"Conv2DTranspose expects input of rank 4"),
     (L.Conv2DTranspose(4, 3), (1, 5, 5, 3), jnp.int32, "Conv2DTranspose: x must be a floating-point array"),
-    (L.Conv2DTranspose(4, 3, padding=3), (1, 2, 2, 3), jnp.float32, "Conv2DTranspose: padding 3 leaves no output"),
+    (L.Conv2DTranspose(4, 3, padding=3), (1, 2, 2, 3), jnp.float32,
+     "Conv2DTranspose: padding 3 leaves no output"),
     (L.Conv1DTranspose(4, 3), (1, 5, 5, 3), jnp.float32, r"Conv1DTranspose expects input of rank 3"),
     (L.DepthwiseConv2D(5), (1, 3, 3, 2), jnp.float32, r"DepthwiseConv2D: kernel of w \(5, 5\)"),
     (L.SeparableConv2D(4, 3), (1, 5, 5, 3), jnp.uint8, "SeparableConv2D: x must be a floating-point array"),
@@ -276,7 +277,8 @@ def _init(layer, shape, dtype=jnp.float32):
     (L.GroupNormalization(groups=3), (1, 5, 5, 4), jnp.float32, r"groups \(3\) must divide"),
     (L.GroupNormalization(groups=2), (4,), jnp.float32, "GroupNormalization expects input of rank >= 2"),
     (L.LayerNormalization(axis=3), (1, 5, 3), jnp.float32, "LayerNormalization: axis 3 is out of range"),
-    (L.LayerNormalization(axis=(1, -2)), (1, 5, 3), jnp.float32, "LayerNormalization: axis .* names an axis twice"),
+    (L.LayerNormalization(axis=(1, -2)), (1, 5, 3), jnp.float32,
+     "LayerNormalization: axis .* names an axis twice"),
     (L.LayerNormalization(), (1, 5, 3), jnp.int32, "LayerNormalization: x must be a floating-point array"),
     (L.Cropping2D(3), (1, 6, 8, 1), jnp.float32, r"Cropping2D: cropping 3 leaves nothing of an input of shape "
      r"\(1, 6, 8, 1\)"),

@@ -94,8 +94,8 @@ def test_transformations_match_reference(example):
     op = lambda x, s, b: getattr(module, name)(x, s, b, **kwargs)  # noqa: E731
     batched = jax.vmap(lambda xi: op(xi, scale, bias))(jnp.stack([x, 2.0 * x + 1.0]))
     y, vjp = jax.vjp(op, x, scale, bias)
-    tangent = jax.jvp(op, (x, scale, bias), (jnp.broadcast_to(jnp.arange(x.shape[-1], dtype=x.dtype), x.shape), jnp.ones_like(scale),
-                                             jnp.ones_like(bias)))[1]
+    tx = jnp.broadcast_to(jnp.arange(x.shape[-1], dtype=x.dtype), x.shape)
+    tangent = jax.jvp(op, (x, scale, bias), (tx, jnp.ones_like(scale), jnp.ones_like(bias)))[1]
     hessian_vector = jax.jvp(jax.grad(lambda x: jnp.sum(op(x, scale, bias) ** 3)), (x,), (jnp.ones_like(x),))[1]
     return batched, y, vjp(y), tangent, hessian_vector
 
