@@ -19,8 +19,12 @@ dataset names, which differ between Keras versions), and matched to a jaxcnn lay
 order:
 
   Conv1D / Conv2D / Dense       kernel, bias        kernels are HWIO / (in, out) in both libraries
+  Conv1DTranspose / Conv2DTranspose  kernel, bias   kernel (k..., filters, C) in both libraries
+  DepthwiseConv2D               depthwise_kernel, bias
+  SeparableConv2D               depthwise_kernel, pointwise_kernel, bias
   BatchNormalization            gamma, beta, moving_mean, moving_variance
                              -> scale, bias, mean (batch_stats), var (batch_stats)
+  GroupNormalization / LayerNormalization   gamma, beta -> scale, bias
 
 Both libraries are channels-last (NHWC), so a Dense kernel after Flatten reads the flattened features
 in the same (h, w, c) order and needs no permutation. Files saved from a `channels_first` Keras model
@@ -39,7 +43,7 @@ from jaxcnn.errors import DataError
 logger = logging.getLogger("jaxcnn.interop")
 
 # A jaxcnn layer's variables in the order Keras stores the corresponding weights (see module docstring).
-_KERAS_ORDER = ("kernel", "scale", "bias", "mean", "var")
+_KERAS_ORDER = ("kernel", "depthwise_kernel", "pointwise_kernel", "scale", "bias", "mean", "var")
 _COLLECTIONS = ("params", "batch_stats")
 # Messages list at most this many layers per category, so a whole wrong architecture stays readable.
 _LISTED = 30
