@@ -130,10 +130,16 @@ def _model_step(models, name):
 
 
 def hlo_models(baseline_models, current_models, names):
-  for name in names:
+  """`names`: registry names, or "baseline_name:current_name" for a model renamed in between."""
+  for entry in names:
+    old, _, name = entry.partition(":")
+    name = name or old
+    if old not in baseline_models.names() or name not in current_models.names():
+      print(f"{entry}: not registered in both versions; skipped")
+      continue
     texts = []
-    for models in (baseline_models, current_models):
-      fn, args = _model_step(models, name)
+    for models, registered in ((baseline_models, old), (current_models, name)):
+      fn, args = _model_step(models, registered)
       texts.append(fn.lower(*args).compile().as_text())
     whole = [_opcodes(t) for t in texts]
     diff = [line for line in difflib.unified_diff(*map(_normalized, texts), lineterm="", n=0)
@@ -178,8 +184,9 @@ def main(argv=None):
   parser.add_argument("--baseline", required=True, type=pathlib.Path, help="a checkout of the other version")
   parser.add_argument("--rounds", type=int, default=15)
   parser.add_argument("--reps", type=int, default=10)
-  parser.add_argument("--models", default="mnist_convnet,cifar10_cnn,mnist_bn_cnn",
-                      help="registered models whose training gradients `hlo` compares too")
+  parser.add_argument("--models", default="mnist_convnet,cifar10_cnn_same,mnist_bn_cnn",
+                      help="registered models whose training gradients `hlo` compares too (comma-separated; "
+                           "old_name:new_name for a renamed one)")
   parser.add_argument("what", choices=("hlo", "ab"))
   args = parser.parse_args(argv)
   baseline = _import_baseline(args.baseline.resolve())

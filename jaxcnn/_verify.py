@@ -325,7 +325,8 @@ def verify(op, *args, argnums: int | Sequence[int] | None = None, lowering: str 
 
   Raises:
     ValueError: unknown op, argnums out of range or naming a non-floating argument, no tolerance for the
-      dtype, check_grads on a dtype narrower than float32, or an unknown transform name. Errors the ops raise propagate unchanged.
+      dtype, check_grads on a dtype narrower than float32, or an unknown transform name. Errors the ops
+      raise propagate unchanged.
   """
   name, fast, ref = _lookup(op)
   if argnums is None:
@@ -509,7 +510,8 @@ def _transform_values(fn, spec, args, diff, names, kwargs, transforms, tangents,
         elif t == "jvp":
           out, tangent_out = jax.jvp(f, primals, tangents)
           labels = _leaf_names(len(out))
-          results[t] = {**dict(zip(labels, out)), **{f"tangent {lab}": v for lab, v in zip(labels, tangent_out)}}
+          results[t] = {**dict(zip(labels, out)),
+                        **{f"tangent {lab}": v for lab, v in zip(labels, tangent_out)}}
         elif t == "jacfwd":
           jac = jax.jacfwd(f, argnums)(*primals)
           results[t] = {f"d{lab}/d{n}": jac[j][k] for j, lab in enumerate(_leaf_names(len(jac)))
@@ -519,7 +521,8 @@ def _transform_values(fn, spec, args, diff, names, kwargs, transforms, tangents,
           results[t] = {f"d2/d{a}d{b}": hess[j][k] for j, a in enumerate(diff_names)
                         for k, b in enumerate(diff_names)}
         elif t == "vmap":
-          stacked = tuple(jnp.stack([p, p + 0.1 * jnp.asarray(tg, p.dtype)]) for p, tg in zip(primals, tangents))
+          stacked = tuple(jnp.stack([p, p + 0.1 * jnp.asarray(tg, p.dtype)])
+                          for p, tg in zip(primals, tangents))
           every = jax.vmap(f)(*stacked)
           first = jax.vmap(f, in_axes=(0, *(None,) * (len(diff) - 1)))(stacked[0], *primals[1:])
 
@@ -667,7 +670,8 @@ def _exported(call, args, traced, diff, diff_names, batch_arg, spec, cts):
     return jax.ShapeDtypeStruct((batch, *shape[1:]) if batched else shape, dtype)
 
   array_shapes = tuple(symbolic(args[i].shape, args[i].dtype, i == batch_arg) for i in traced)
-  ct_shapes = tuple(symbolic(ct.shape, ct.dtype, j not in spec.replicated_outputs) for j, ct in enumerate(cts))
+  ct_shapes = tuple(symbolic(ct.shape, ct.dtype, j not in spec.replicated_outputs)
+                    for j, ct in enumerate(cts))
   exported = export.export(jax.jit(program))(array_shapes, ct_shapes)
   out, grads = _run_compiled(exported.call, tuple(args[i] for i in traced), tuple(cts))
   return {**dict(zip(_leaf_names(len(out)), out)), **{f"d/d{n}": g for n, g in zip(diff_names, grads)}}
@@ -784,6 +788,13 @@ def _conv1d_case(padding="same", strides=1, dilation=1):
                   dict(padding=padding, strides=strides, dilation=dilation))
 
 
+def _conv_transpose_case(strides, padding, n=2, **kwargs):
+  spatial = (4, 4)[:n] if n == 2 else (5,)
+  window = (3, 3)[:n] if n == 2 else (3,)
+  return lambda: ((_normal(0, 2, *spatial, 3), _normal(1, *window, 2, 3, scale=0.3), _normal(2, 2)),
+                  dict(strides=strides, padding=padding, **kwargs))
+
+
 def _pool_case(shape, pool, distinct=False, **kwargs):
   return lambda: (((_distinct if distinct else _normal)(3, *shape), pool), kwargs)
 
@@ -837,6 +848,22 @@ OPS: tuple[OpSpec, ...] = (
     OpSpec("upsample2d", lambda: ((_normal(12, 2, 3, 3, 2), 2), dict(method="bilinear")),
            variants=(lambda: ((_normal(12, 2, 3, 3, 2), (2, 3)), dict(method="nearest")),)),
     OpSpec("zero_pad2d", lambda: ((_normal(13, 2, 3, 3, 2), ((1, 0), (2, 1))), {})),
+    # Compositions of conv2d / conv1d (sub-pixel phases): every lowering of the convolution under them.
+    OpSpec("conv2d_transpose", _conv_transpose_case(2, "same"), lowerings=CONV_LOWERINGS_CHECKED,
+           variants=(_conv_transpose_case(2, "valid", output_padding=1),
+                     _conv_transpose_case(1, "same", dilation=2))),
+    OpSpec("conv1d_transpose", _conv_transpose_case(2, "same", n=1), lowerings=("xla", "im2col", "auto"),
+           variants=(_conv_transpose_case(3, "valid", n=1),)),
+    # "rows" is dense-only; a depthwise convolution takes the im2col path under it.
+    OpSpec("depthwise_conv2d", lambda: ((_normal(14, 2, 5, 5, 3), _normal(15, 3, 3, 3, 2, scale=0.3),
+                                         _normal(16, 6)), dict(padding="same")),
+           lowerings=("xla", "im2col", "auto"),
+           variants=(lambda: ((_normal(14, 2, 6, 5, 3), _normal(15, 3, 3, 3, 2, scale=0.3)),
+                              dict(strides=2, padding="valid")),)),
+    OpSpec("group_norm", lambda: ((_normal(17, 2, 4, 4, 4, scale=2.0, loc=1.0), _normal(18, 4, loc=1.0),
+                                   _normal(19, 4)), dict(groups=2))),
+    OpSpec("layer_norm", lambda: ((_normal(20, 2, 4, 4, 3, scale=2.0, loc=1.0), _normal(21, 3, loc=1.0),
+                                   _normal(22, 3)), {})),
 )
 
 _BY_NAME = {spec.name: spec for spec in OPS}

@@ -2,7 +2,6 @@
 BatchNorm statistics, and give the linen run's numbers; the README recipe runs as written."""
 from __future__ import annotations
 
-import pathlib
 import re
 
 import jax
@@ -87,7 +86,8 @@ def _train_both(name):
       return _loss(spec, out, images, labels), updates
     (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])
     changes, opt_state = tx.update(grads, opt_state, variables["params"])
-    return {**variables, **updates, "params": optax.apply_updates(variables["params"], changes)}, opt_state, loss
+    new_params = optax.apply_updates(variables["params"], changes)
+    return {**variables, **updates, "params": new_params}, opt_state, loss
 
   variables = jax.tree.map(jnp.asarray, start)
   opt_state = tx.init(variables["params"])

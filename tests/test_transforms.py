@@ -109,7 +109,9 @@ def _per_example_under_batch_sharding(lowering):
 
   def grads(x, w):
     with ops.conv_lowering(lowering):
-      return jax.vmap(lambda xi: jax.grad(lambda w: jnp.sum(ops.conv2d(xi[None], w, padding="same") ** 2))(w))(x)
+      def example(xi):
+        return jax.grad(lambda w: jnp.sum(ops.conv2d(xi[None], w, padding="same") ** 2))(w)
+      return jax.vmap(example)(x)
 
   expected = jax.vmap(lambda xi: jax.grad(
       lambda w: jnp.sum(reference.conv2d(xi[None], w, padding="same") ** 2))(w))(x)

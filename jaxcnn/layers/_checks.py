@@ -96,4 +96,5 @@ def cast_input(layer, x):
 
 def check_floating_input(layer, x):
   if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
-    raise ValueError(f"{type(layer).__name__}: x must be a floating-point array, got dtype {jnp.result_type(x)}")
+    raise ValueError(f"{type(layer).__name__}: x must be a floating-point array, got dtype "
+                     f"{jnp.result_type(x)}")

@@ -25,6 +25,7 @@ DEFAULTS: dict[str, Any] = dict(
     validation_split=0.0,           # fraction held out when train_data is an (images, labels) tuple
     shuffle=True,                   # shuffle (images, labels) tuples each epoch
     loss="softmax_cross_entropy",   # one of LOSSES
+    from_logits=None,               # cross-entropies: outputs are logits? None: auto (the model's last activation)
     target="label",                 # batch key the loss compares outputs with ("image": autoencoders)
     optimizer="adam",               # one of OPTIMIZERS
     learning_rate=1e-3,             # peak learning rate of the schedule
@@ -94,6 +95,8 @@ def validate_config(config: Mapping[str, Any] | ml_collections.ConfigDict | None
         "expected a fraction in [0, 1)")
   check(isinstance(c["shuffle"], bool), "shuffle", "expected True or False")
   check(c["loss"] in LOSSES, "loss", f"expected one of {', '.join(LOSSES)}")
+  check(c["from_logits"] is None or isinstance(c["from_logits"], bool), "from_logits",
+        "expected True, False or None (auto)")
   check(isinstance(c["target"], str) and bool(c["target"]), "target", "expected a batch key such as 'label'")
   check(c["optimizer"] in OPTIMIZERS, "optimizer", f"expected one of {', '.join(OPTIMIZERS)}")
   check(_is_number(c["learning_rate"]) and c["learning_rate"] > 0, "learning_rate", "expected a positive number")

@@ -28,6 +28,7 @@ from jaxcnn.errors import ConfigError, DistributedError, JaxcnnError, NonFiniteE
 from jaxcnn.train import callbacks as callbacks_lib
 from jaxcnn.train.checkpoint import Checkpointer
 from jaxcnn.train.config import best_mode, validate_config
+from jaxcnn.train.losses import has_accuracy
 from jaxcnn.train.optim import make_schedule
 from jaxcnn.train.parallel import AXIS, Layout, fetch, make_layout, maybe_initialize_distributed
 from jaxcnn.train.state import TrainState, create_train_state, zero_metric_sums
@@ -246,11 +247,12 @@ def _load_history(workdir: pathlib.Path | None, epochs_done: int) -> dict[str, l
 
 
 def _with_accuracy(loss: str) -> bool:
-  return loss != "mse"
+  return has_accuracy(loss)
 
 
 # -- fit -------------------------------------------------------------------------------------------------
 
+@callbacks_lib.root_logger_left_alone()
 def fit(model, train_data, *, config, workdir=None, val_data=None, callbacks: Sequence[Any] = (),
         initial_state: TrainState | None = None) -> FitResult:
   """Trains `model` on `train_data`; resumes from `workdir`'s latest checkpoint when there is one.
@@ -298,7 +300,7 @@ def fit(model, train_data, *, config, workdir=None, val_data=None, callbacks: Se
   state = layout.put_state(state)
   train_step, eval_step = make_steps(model, loss=config.loss, target=config.target,
                                      axis_name=AXIS if layout.mode == "pmap" else None,
-                                     compute_dtype=config.compute_dtype)
+                                     compute_dtype=config.compute_dtype, from_logits=config.from_logits)
   schedule = make_schedule(config, total_steps)
 
   # resume
@@ -388,6 +390,7 @@ def fit(model, train_data, *, config, workdir=None, val_data=None, callbacks: Se
         logs = {"epoch": epoch + 1, **metrics, "lr": float(schedule(global_step - 1))}
         if val_data is not None:
           logs.update(summarize(_evaluate_sums(layout, eval_fn, state, val_data), "val_", with_acc))
+        progress.end_epoch(epoch, epochs, logs)
         for key, value in logs.items():
           history.setdefault(key, []).append(value)
         for cb in callbacks:

@@ -76,7 +76,8 @@ def test_conv2d_matches_op(kwargs):
 
 def test_conv2d_keras_defaults():
   layer = Conv2D(5, 3)
-  assert (layer.strides, layer.padding, layer.dilation_rate, layer.groups, layer.use_bias, layer.activation) == (
+  assert (layer.strides, layer.padding, layer.dilation_rate, layer.groups, layer.use_bias,
+          layer.activation) == (
       1, "valid", 1, 1, True, None)
   variables, y = _init_apply(layer, _x(1, 8, 8, 2))
   assert y.shape == (1, 6, 6, 5)  # "valid" by default, as Keras and PyTorch
@@ -306,14 +307,22 @@ def test_activation_bad_names():
 def _every_layer():
   """(layer, input shape) for every layer of jaxcnn.layers (Sequential is a container, not a layer)."""
   from jaxcnn import layers
-  from jaxcnn.layers import BatchNorm, Dropout
+  from jaxcnn.layers import (BatchNorm, Conv1DTranspose, Conv2DTranspose, Cropping2D, DepthwiseConv2D,
+                             Dropout, GroupNormalization, LayerNormalization, SeparableConv2D,
+                             SpatialDropout2D)
   cases = [(Conv2D(4, 3), (2, 6, 6, 3)), (Conv1D(4, 3), (2, 6, 3)), (Dense(4), (2, 5)),
            (BatchNorm(), (2, 4, 4, 3)), (LocalResponseNorm(3), (2, 4, 4, 5)), (Dropout(0.5), (2, 6)),
            (MaxPool2D(), (2, 4, 4, 3)), (AvgPool2D(), (2, 4, 4, 3)), (MaxPool1D(), (2, 4, 3)),
            (AvgPool1D(), (2, 4, 3)), (GlobalAvgPool2D(), (2, 4, 4, 3)), (GlobalMaxPool2D(), (2, 4, 4, 3)),
            (GlobalAvgPool1D(), (2, 4, 3)), (GlobalMaxPool1D(), (2, 4, 3)), (UpSampling2D(), (2, 3, 3, 2)),
-           (ZeroPadding2D(), (2, 3, 3, 2)), (Flatten(), (2, 3, 3)), (Activation("relu"), (2, 3))]
-  classes = {name for name in layers.__all__ if isinstance(getattr(layers, name), type)} - {"Sequential"}
+           (ZeroPadding2D(), (2, 3, 3, 2)), (Flatten(), (2, 3, 3)), (Activation("relu"), (2, 3)),
+           (Conv2DTranspose(4, 3, strides=2), (2, 4, 4, 3)), (Conv1DTranspose(4, 3), (2, 5, 3)),
+           (DepthwiseConv2D(3), (2, 5, 5, 3)), (SeparableConv2D(4, 3), (2, 5, 5, 3)),
+           (GroupNormalization(groups=2), (2, 4, 4, 4)), (LayerNormalization(), (2, 4, 4, 3)),
+           (Cropping2D(1), (2, 5, 5, 2)), (SpatialDropout2D(0.5), (2, 4, 4, 3))]
+  # Classes, not names: the Keras aliases (BatchNormalization, MaxPooling2D, ...) are the same classes.
+  classes = {getattr(layers, name).__name__ for name in layers.__all__
+             if isinstance(getattr(layers, name), type)} - {"Sequential"}
   assert {type(layer).__name__ for layer, _ in cases} == classes  # a new layer must be listed here
   return cases
 
