@@ -54,7 +54,7 @@ def layer_specs(model) -> list[LayerSpec]:
   for layer in model.layers:
     name = layer.name
     if isinstance(layer, jl.Conv2D):
-      if layer.groups != 1 or _pair(layer.dilation) != (1, 1):
+      if layer.groups != 1 or _pair(layer.dilation_rate) != (1, 1):
         raise ValueError(f"benchmarks: {name}: grouped or dilated convolutions are not translated")
       padding = layer.padding.lower() if isinstance(layer.padding, str) else layer.padding
       if padding == "same" and _pair(layer.strides) != (1, 1):

@@ -3,8 +3,12 @@
 - `fit` traces its training program once per run, whatever the number of epochs and chunk lengths.
 - On CPU the convolution lowers to matmuls (im2col or "rows"), never to XLA's convolution (slow on CPU,
   many times slower again inside a loop), and its gradient does not transpose activation-sized arrays.
-- Non-overlapping max pooling differentiates without reduce_window/select_and_scatter, and sends the
-  gradient of a tile with tied maxima to exactly one cell: the first in row-major order.
+- The hand-written gradients are what runs: the dense convolution is the `jaxcnn_conv` primitive under
+  every transformation (reverse and forward mode, vmap over the batch, per-example gradients), whose
+  transposes are those gradients; vmap folds the mapped axis into the batch instead of looping.
+- Non-overlapping max pooling differentiates without reduce_window/select_and_scatter, its derivative
+  goes through the `jaxcnn_route_to_first_max` primitive, and sends the gradient of a tile with tied
+  maxima to exactly one cell: the first in row-major order.
 """
 from __future__ import annotations
 
@@ -56,12 +60,13 @@ def test_fit_traces_the_training_program_once():
   assert "train_step" not in train.TRACE_COUNTS  # the device-resident path never steps one batch at a time
 
 
-def test_cpu_default_conv_lowering_is_im2col():
+def test_cpu_default_conv_lowering_is_a_matmul_lowering():
   x, w = jnp.ones((2, 9, 9, 3)), jnp.ones((3, 3, 3, 5))
   assert jax.default_backend() == "cpu"
   assert ops.get_conv_lowering() == "auto"
   # A fresh function per trace: the lowering is read when tracing, and traces are cached per function.
-  assert "conv_general_dilated" not in _names(jax.make_jaxpr(lambda x, w: ops.conv2d(x, w))(x, w))
+  names = _names(jax.make_jaxpr(lambda x, w: ops.conv2d(x, w))(x, w))
+  assert "conv_general_dilated" not in names and "jaxcnn_conv" in names  # "rows" or "im2col"
   with ops.conv_lowering("xla"):
     assert "conv_general_dilated" in _names(jax.make_jaxpr(lambda x, w: ops.conv2d(x, w))(x, w))
 
@@ -89,6 +94,50 @@ def test_weight_gradient_reads_the_output_gradient_in_place(strides, padding, lo
     forbidden = f"f32[{w.shape[0] * o},{n * used * wo}]"
   assert forbidden not in hlo
   assert "convolution(" not in hlo
+
+
+def _eqns(fn, *args) -> list:
+  return _primitives(jax.make_jaxpr(fn)(*args))
+
+
+@pytest.mark.parametrize("lowering", ["im2col", "rows"])
+def test_conv_derivatives_run_the_primitive_and_its_hand_written_transposes(lowering):
+  x, w = jnp.ones((2, 9, 9, 3)), jnp.ones((3, 3, 3, 5))
+
+  def conv(x, w):
+    return ops.conv2d(x, w, padding="same")
+
+  def loss(x, w):
+    return jnp.sum(jnp.tanh(conv(x, w)))
+
+  # (program, arguments, primitives expected, matmuls outside the primitive): forward mode keeps every
+  # matmul inside the primitive; reverse mode adds exactly the hand-written gradients' matmuls
+  # (dX = dY @ W^T, dW = patches^T @ dY), never autodiff of the forward's slices and matmul.
+  programs = {
+      "grad": (jax.grad(loss, argnums=(0, 1)), (x, w), 1, 2),
+      "jvp": (lambda x, w: jax.jvp(conv, (x, w), (x, w)), (x, w), 3, 0),
+      "jacfwd": (jax.jacfwd(conv, argnums=1), (x[:1], w), 2, 0),
+      "per-example grads": (jax.vmap(jax.grad(loss, argnums=1), in_axes=(0, None)), (x[:, None], w), 1, 1),
+  }
+  with ops.conv_lowering(lowering):
+    for what, (fn, args, n_prim, n_dots) in programs.items():
+      names = [e.primitive.name for e in _eqns(fn, *args)]
+      assert names.count("jaxcnn_conv") == n_prim, (what, names)
+      assert names.count("dot_general") == n_dots, (what, names)
+      assert not {"while", "scan"} & set(names), (what, names)  # vmap folds into the batch, no loop
+      assert "convolution(" not in jax.jit(fn).lower(*args).compile().as_text(), what
+
+
+def test_max_pool_derivatives_run_the_routing_primitive():
+  x = jnp.asarray(np.random.default_rng(4).permutation(2 * 8 * 8 * 3).reshape(2, 8, 8, 3), jnp.float32)
+  pool = lambda x: ops.max_pool2d(x, 2)
+  for what, fn in {"jvp": lambda x: jax.jvp(pool, (x,), (x,)),
+                   "jacfwd": jax.jacfwd(pool)}.items():
+    names = {e.primitive.name for e in _eqns(fn, x[:1])}
+    assert "jaxcnn_route_to_first_max" in names, what
+  # The gradient is the routing primitive's hand-written transpose: selects and a reshape, no scatter.
+  names = {e.primitive.name for e in _eqns(jax.grad(lambda x: jnp.sum(pool(x) ** 2)), x)}
+  assert not names & {"scatter", "scatter-add", "select_and_scatter_add", "reduce_window_max"}, names
 
 
 @pytest.mark.parametrize("shape, pool", [((2, 8, 8, 3), 2), ((1, 9, 7, 2), (3, 2)), ((2, 10, 4), 2)])

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numbers
 
 import jax.numpy as jnp
+from flax.linen import dtypes as nn_dtypes
 
 from jaxcnn.ops._args import normalize_tuple
 
@@ -75,3 +76,25 @@ def call_op(layer, op, *args, **kwargs):
     return op(*args, **kwargs)
   except ValueError as err:
     raise ValueError(f"{type(layer).__name__}: {err}") from err
+
+
+def promote(layer, x, *params):
+  """(x, *params) in the layer's compute dtype, flax.linen's rule: `layer.dtype`, or the promoted dtype
+  of x and the parameters when it is None. Parameters may be None (absent). x must be floating: an
+  integer input is an error here, as in the ops, not something to convert silently."""
+  check_floating_input(layer, x)
+  return tuple(nn_dtypes.promote_dtype(x, *params, dtype=layer.dtype))
+
+
+def cast_input(layer, x):
+  """x in the layer's compute dtype (`layer.dtype`; None keeps x's own) for layers without parameters."""
+  if layer.dtype is None:
+    return x
+  check_floating_input(layer, x)
+  return jnp.asarray(x, layer.dtype)
+
+
+def check_floating_input(layer, x):
+  if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+    raise ValueError(f"{type(layer).__name__}: x must be a floating-point array, got dtype "
+                     f"{jnp.result_type(x)}")

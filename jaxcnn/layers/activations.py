@@ -9,11 +9,13 @@ for that).
 from __future__ import annotations
 
 import functools
-from typing import Callable, Union
+from typing import Any, Callable, Union
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from jaxcnn.layers import _checks
 
 
 def _linear(x):
@@ -69,9 +71,13 @@ class Activation(nn.Module):
 
   Attributes:
     activation: a Keras name (see `ACTIVATIONS`) or a callable `f(x) -> y`; checked at construction.
+    dtype: the compute dtype: the input is cast to it first; default None keeps the input's dtype.
+    param_dtype: accepted for the flax.linen layer signature; this layer has no parameters.
   """
 
   activation: Union[str, Callable]
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
 
   def __post_init__(self):
     if self.activation is None:
@@ -82,4 +88,4 @@ class Activation(nn.Module):
   def __call__(self, x, train: bool = False):
     """x: any shape -> same shape. `train` is accepted and ignored."""
     del train
-    return resolve_activation(self.activation, "Activation")(x)
+    return resolve_activation(self.activation, "Activation")(_checks.cast_input(self, x))

@@ -1,8 +1,11 @@
 """Convolution layers: `Conv2D` on (N, H, W, C) and `Conv1D` on (N, L, C), over `jaxcnn.ops`.
 
-Keras names and defaults: padding "valid" (as in Keras and PyTorch), glorot-uniform kernels, zero
-biases. Kernels are stored HWIO -- (kh, kw, C_in / groups, filters) -- under the parameter name `kernel`,
-the bias (filters,) under `bias`, the layout Keras uses, so Keras weights copy over unchanged.
+Keras names and defaults: padding "valid" (as in Keras and PyTorch), `dilation_rate`, glorot-uniform
+kernels, zero biases. Kernels are stored HWIO -- (kh, kw, C_in / groups, filters) -- under the parameter
+name `kernel`, the bias (filters,) under `bias`, the layout Keras uses, so Keras weights copy over
+unchanged. `dtype` / `param_dtype` follow flax.linen: parameters are stored in `param_dtype`; input,
+kernel and bias are cast to `dtype` (default None: their promoted dtype) for the computation, which
+accumulates low-precision products in float32 (see `jaxcnn.ops.conv2d`).
 """
 from __future__ import annotations
 
@@ -30,8 +33,9 @@ def _convolve(layer, x, n: int, op, layout: str):
   kernel = layer.param("kernel", layer.kernel_init,
                        (*kernel_size, in_channels // layer.groups, layer.filters), layer.param_dtype)
   bias = layer.param("bias", layer.bias_init, (layer.filters,), layer.param_dtype) if layer.use_bias else None
+  x, kernel, bias = _checks.promote(layer, x, kernel, bias)
   y = _checks.call_op(layer, op, x, kernel, bias, strides=layer.strides, padding=layer.padding,
-                      dilation=layer.dilation, groups=layer.groups)
+                      dilation=layer.dilation_rate, groups=layer.groups)
   activation = resolve_activation(layer.activation, type(layer).__name__)
   return activation(y) if activation is not None else y
 
@@ -40,7 +44,7 @@ def _check_conv_fields(layer, n: int):
   _checks.check_positive_int(layer, layer.filters, "filters")
   _checks.check_tuple(layer, layer.kernel_size, n, "kernel_size")
   _checks.check_tuple(layer, layer.strides, n, "strides")
-  _checks.check_tuple(layer, layer.dilation, n, "dilation")
+  _checks.check_tuple(layer, layer.dilation_rate, n, "dilation_rate")
   _checks.check_positive_int(layer, layer.groups, "groups")
   if layer.filters % layer.groups:
     raise ValueError(f"{type(layer).__name__}: filters ({layer.filters}) must be divisible by groups "
@@ -60,12 +64,15 @@ class Conv2D(nn.Module):
     strides: int or (sh, sw); default 1.
     padding: "valid" (default, as in Keras and PyTorch), "same" (TensorFlow semantics: output
       ceil(H / stride)), an int p or ((top, bottom), (left, right)) (PyTorch semantics, zeros).
-    dilation: int or (dh, dw); default 1 (Keras calls it `dilation_rate`).
+    dilation_rate: int or (dh, dw) kernel dilation (Keras' name; `jaxcnn.ops.conv2d`'s `dilation`);
+      default 1.
     groups: channel groups; C and filters must both be divisible by it; default 1.
     use_bias: add a learned bias; default True.
     activation: a Keras activation name, a callable, or None (default: none).
     kernel_init: kernel initializer; default glorot uniform (Keras).
     bias_init: bias initializer; default zeros.
+    dtype: the compute dtype (e.g. jnp.bfloat16); default None: the promoted dtype of the input and
+      the parameters. The output has this dtype.
     param_dtype: dtype of the parameters; default float32.
   """
 
@@ -73,12 +80,13 @@ class Conv2D(nn.Module):
   kernel_size: PairOrInt
   strides: PairOrInt = 1
   padding: Any = "valid"
-  dilation: PairOrInt = 1
+  dilation_rate: PairOrInt = 1
   groups: int = 1
   use_bias: bool = True
   activation: ActivationLike = None
   kernel_init: Initializer = nn.initializers.glorot_uniform()
   bias_init: Initializer = nn.initializers.zeros_init()
+  dtype: Any = None
   param_dtype: Any = jnp.float32
 
   def __post_init__(self):
@@ -103,12 +111,14 @@ class Conv1D(nn.Module):
     strides: int or (s,); default 1.
     padding: "valid" (default), "same" (TensorFlow semantics), an int p or ((lo, hi),) (PyTorch
       semantics, zeros).
-    dilation: int or (d,); default 1.
+    dilation_rate: int or (d,) kernel dilation (Keras' name); default 1.
     groups: channel groups; C and filters must both be divisible by it; default 1.
     use_bias: add a learned bias; default True.
     activation: a Keras activation name, a callable, or None (default: none).
     kernel_init: kernel initializer; default glorot uniform (Keras).
     bias_init: bias initializer; default zeros.
+    dtype: the compute dtype (e.g. jnp.bfloat16); default None: the promoted dtype of the input and
+      the parameters. The output has this dtype.
     param_dtype: dtype of the parameters; default float32.
   """
 
@@ -116,12 +126,13 @@ class Conv1D(nn.Module):
   kernel_size: PairOrInt
   strides: PairOrInt = 1
   padding: Any = "valid"
-  dilation: PairOrInt = 1
+  dilation_rate: PairOrInt = 1
   groups: int = 1
   use_bias: bool = True
   activation: ActivationLike = None
   kernel_init: Initializer = nn.initializers.glorot_uniform()
   bias_init: Initializer = nn.initializers.zeros_init()
+  dtype: Any = None
   param_dtype: Any = jnp.float32
 
   def __post_init__(self):

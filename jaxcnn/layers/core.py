@@ -24,6 +24,8 @@ class Dense(nn.Module):
     use_bias: add a learned bias; default True.
     kernel_init: kernel initializer; default glorot uniform (Keras).
     bias_init: bias initializer; default zeros.
+    dtype: the compute dtype; default None: the promoted dtype of the input and the parameters (as
+      flax.linen.Dense). The output has this dtype.
     param_dtype: dtype of the parameters; default float32.
   """
 
@@ -32,6 +34,7 @@ class Dense(nn.Module):
   use_bias: bool = True
   kernel_init: Initializer = nn.initializers.glorot_uniform()
   bias_init: Initializer = nn.initializers.zeros_init()
+  dtype: Any = None
   param_dtype: Any = jnp.float32
 
   def __post_init__(self):
@@ -45,9 +48,10 @@ class Dense(nn.Module):
     del train
     _checks.check_min_rank(self, x, 2, "(N, ..., features)")
     kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.units), self.param_dtype)
+    bias = self.param("bias", self.bias_init, (self.units,), self.param_dtype) if self.use_bias else None
+    x, kernel, bias = _checks.promote(self, x, kernel, bias)
     y = jnp.tensordot(x, kernel, axes=((x.ndim - 1,), (0,)))
-    if self.use_bias:
-      bias = self.param("bias", self.bias_init, (self.units,), self.param_dtype)
+    if bias is not None:
       # Explicit reshape: the library must work under jax_numpy_rank_promotion="raise".
       y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (self.units,))
     activation = resolve_activation(self.activation, "Dense")
@@ -55,13 +59,22 @@ class Dense(nn.Module):
 
 
 class Flatten(nn.Module):
-  """Flattens all but the batch axis: (N, d1, d2, ...) -> (N, d1 * d2 * ...), row-major (as Keras)."""
+  """Flattens all but the batch axis: (N, d1, d2, ...) -> (N, d1 * d2 * ...), row-major (as Keras).
+
+  Attributes:
+    dtype: the compute dtype: the input is cast to it first; default None keeps the input's dtype.
+    param_dtype: accepted for the flax.linen layer signature; this layer has no parameters.
+  """
+
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     """x: (N, ...) with rank >= 2 -> (N, prod(...)). `train` is accepted and ignored."""
     del train
     _checks.check_min_rank(self, x, 2, "(N, ...)")
+    x = _checks.cast_input(self, x)
     return jnp.reshape(x, (x.shape[0], -1))
 
 
@@ -74,9 +87,13 @@ class Dropout(nn.Module):
 
   Attributes:
     rate: drop probability in [0, 1); 0 makes the layer the identity.
+    dtype: the compute dtype: the input is cast to it first; default None keeps the input's dtype.
+    param_dtype: accepted for the flax.linen layer signature; this layer has no parameters.
   """
 
   rate: float
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
 
   def __post_init__(self):
     _checks.check_rate(self, self.rate)
@@ -85,6 +102,7 @@ class Dropout(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     """x: any shape -> same shape. Drops only when train=True."""
+    x = _checks.cast_input(self, x)
     if not train or self.rate == 0.0:
       return x
     return _checks.call_op(self, ops.dropout, x, self.rate, rng=self.make_rng("dropout"))

@@ -20,14 +20,20 @@ class BatchNorm(nn.Module):
 
   Train vs eval:
     train=False: normalises with the running `mean`/`var`; nothing changes.
-    train=True: normalises with the statistics of the batch (every axis but the last) and, when the
-      `batch_stats` collection is mutable (`apply(..., mutable=["batch_stats"])`), stores
-      new = momentum * old + (1 - momentum) * batch  (Keras convention, see `jaxcnn.ops.batch_norm`). With `batch_stats` immutable the running
-      statistics are left untouched; `init` never moves them either.
+    train=True: normalises with the statistics of the batch (every axis but the last) and stores
+      new = momentum * old + (1 - momentum) * batch  (Keras convention, see `jaxcnn.ops.batch_norm`) in
+      the `batch_stats` collection, which must be mutable: `apply(..., mutable=["batch_stats"])`
+      (through `flax.nnx.bridge.ToNNX`: `model(x, train=True, mutable=["batch_stats"])`). An immutable
+      `batch_stats` raises a ValueError, as flax.linen.BatchNorm does, rather than dropping the update;
+      `init` never moves the statistics.
+
+  Precision: the statistics are computed, and stored, in float32 (float64 with a float64 param_dtype)
+  whatever the compute dtype, so bfloat16 training keeps full-precision running statistics; the
+  normalised output has the compute dtype.
 
   Cross-device statistics: under `jax.jit` with the batch sharded over devices, the batch mean is
-  already global and nothing is needed. Under `jax.pmap`/`shard_map`, set `axis_name` to the mapped
-  axis so the statistics are averaged across devices.
+  already global and nothing is needed. Under `jax.pmap`/`jax.shard_map`, set `axis_name` to the
+  mapped (mesh) axis so the statistics are averaged across devices: the global-batch statistics.
 
   PyTorch's defaults (torch.nn.BatchNorm2d(momentum=0.1, eps=1e-5)) are `BatchNorm(momentum=0.9,
   epsilon=1e-5, unbiased_running_var=True)`: PyTorch's momentum weighs the new batch, Keras' weighs the
@@ -43,7 +49,10 @@ class BatchNorm(nn.Module):
       instead of the biased one (Keras); normalisation uses the biased one either way; default False.
     scale_init: initializer of `scale`; default ones.
     bias_init: initializer of `bias`; default zeros.
-    param_dtype: dtype of parameters and statistics; default float32.
+    dtype: the compute dtype of the normalisation; default None: the promoted dtype of the input and
+      the parameters (as flax.linen.BatchNorm). The output has this dtype.
+    param_dtype: dtype of `scale` and `bias`; default float32. The statistics are stored in float32, or
+      float64 when param_dtype is float64.
   """
 
   momentum: float = 0.99
@@ -54,6 +63,7 @@ class BatchNorm(nn.Module):
   unbiased_running_var: bool = False
   scale_init: Initializer = nn.initializers.ones_init()
   bias_init: Initializer = nn.initializers.zeros_init()
+  dtype: Any = None
   param_dtype: Any = jnp.float32
 
   def __post_init__(self):
@@ -66,23 +76,22 @@ class BatchNorm(nn.Module):
     """x: (N, ..., C) with rank >= 2 -> same shape. See the class docstring for train vs eval."""
     _checks.check_min_rank(self, x, 2, "(N, ..., C)")
     channels = (x.shape[-1],)
-    if self.use_scale:
-      scale = self.param("scale", self.scale_init, channels, self.param_dtype)
-    else:
-      scale = jnp.ones(channels, self.param_dtype)
-    if self.use_bias:
-      bias = self.param("bias", self.bias_init, channels, self.param_dtype)
-    else:
-      bias = jnp.zeros(channels, self.param_dtype)
-    mean = self.variable("batch_stats", "mean", nn.initializers.zeros_init(), None, channels,
-                         self.param_dtype)
-    var = self.variable("batch_stats", "var", nn.initializers.ones_init(), None, channels,
-                        self.param_dtype)
+    scale = self.param("scale", self.scale_init, channels, self.param_dtype) if self.use_scale else None
+    bias = self.param("bias", self.bias_init, channels, self.param_dtype) if self.use_bias else None
+    stats_dtype = jnp.promote_types(self.param_dtype, jnp.float32)
+    mean = self.variable("batch_stats", "mean", nn.initializers.zeros_init(), None, channels, stats_dtype)
+    var = self.variable("batch_stats", "var", nn.initializers.ones_init(), None, channels, stats_dtype)
+    update = train and not self.is_initializing()
+    if update and not self.is_mutable_collection("batch_stats"):
+      raise ValueError(f"{type(self).__name__}: train=True updates the running statistics, but the "
+                       "batch_stats collection is immutable; call apply(..., mutable=['batch_stats']) "
+                       "(ToNNX: model(x, train=True, mutable=['batch_stats'])), or pass train=False")
+    x, scale, bias = _checks.promote(self, x, scale, bias)
     y, new_mean, new_var = _checks.call_op(
         self, ops.batch_norm, x, scale, bias, mean.value, var.value, train=train,
         momentum=self.momentum, epsilon=self.epsilon, axis_name=self.axis_name,
         unbiased_running_var=self.unbiased_running_var)
-    if train and not self.is_initializing() and self.is_mutable_collection("batch_stats"):
+    if update:
       mean.value = new_mean
       var.value = new_var
     return y
@@ -97,12 +106,16 @@ class LocalResponseNorm(nn.Module):
     alpha: scale of the squared sum; default 1e-4.
     beta: exponent; default 0.75.
     k: additive constant; default 1.0.
+    dtype: the compute dtype: the input is cast to it first; default None keeps the input's dtype.
+    param_dtype: accepted for the flax.linen layer signature; this layer has no parameters.
   """
 
   size: int = 5
   alpha: float = 1e-4
   beta: float = 0.75
   k: float = 1.0
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
 
   def __post_init__(self):
     _checks.check_positive_int(self, self.size, "size")
@@ -112,5 +125,6 @@ class LocalResponseNorm(nn.Module):
     """x: (N, ..., C) with rank >= 2, channels last -> same shape. `train` is accepted and ignored."""
     del train
     _checks.check_min_rank(self, x, 2, "(N, ..., C)")
+    x = _checks.cast_input(self, x)
     return _checks.call_op(self, ops.local_response_norm, x, self.size, alpha=self.alpha,
                            beta=self.beta, k=self.k)

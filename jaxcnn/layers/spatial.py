@@ -29,9 +29,13 @@ class Cropping2D(nn.Module):
   Attributes:
     cropping: int c (c on every side), (ch, cw) (symmetric per axis) or ((top, bottom), (left, right));
       default ((0, 0), (0, 0)) (Keras).
+    dtype: the compute dtype: the input is cast to it first; default None keeps the input's dtype.
+    param_dtype: accepted for the flax.linen layer signature; this layer has no parameters.
   """
 
   cropping: Any = ((0, 0), (0, 0))
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
 
   def __post_init__(self):
     if isinstance(self.cropping, str):
@@ -44,6 +48,7 @@ class Cropping2D(nn.Module):
     """x: (N, H, W, C) -> cropped (N, H', W', C). `train` is accepted and ignored."""
     del train
     _checks.check_input_rank(self, x, 4, "(N, H, W, C)")
+    x = _checks.cast_input(self, x)
     (top, bottom), (left, right) = _crops(self, self.cropping)
     _, h, w, _ = x.shape
     if top + bottom >= h or left + right >= w:
@@ -64,10 +69,12 @@ class SpatialDropout2D(nn.Module):
   Attributes:
     rate: drop probability in [0, 1); 0 makes the layer the identity.
     dtype: compute dtype; default None (the input's).
+    param_dtype: accepted for the flax.linen layer signature; this layer has no parameters.
   """
 
   rate: float
   dtype: Any = None
+  param_dtype: Any = jnp.float32
 
   def __post_init__(self):
     _checks.check_rate(self, self.rate)

@@ -6,50 +6,48 @@ Lowerings (chosen at trace time, see `set_conv_lowering`):
   "im2col"  pad, take kh*kw shifted strided slices of the input, concatenate them along channels and
             multiply by the kernel reshaped to a (kh*kw*C, O) matrix with one `dot_general`. Grouped convs
             become one matmul batched over groups; depthwise convs (one input channel per group) skip the
-            patch matrix and sum kh*kw elementwise products instead. For groups == 1 the backward pass
-            is written by hand (`jax.custom_vjp`): the weight gradient is patches^T @ dY contracted
-            over the rows of both matrices in place (`_gram`), and the input gradient is
-            dY @ kernel^T folded back onto the input (one pad per tap, summed: the adjoint of the
-            slices). Autodiff of the
-            forward computes the same but makes XLA copy dY into a transposed buffer first; inside
-            lax.scan on a loaded 2-core CPU the hand-written backward was 1.2-1.5x faster for
-            128x13x13x32 -> 64 (forward + both gradients) and 3-5x for 128x28x28x1 -> 32 (weight
-            gradient only, as for a first layer).
+            patch matrix and sum kh*kw elementwise products instead. For groups == 1 the gradients are
+            written by hand: the weight gradient is patches^T @ dY contracted over the rows of both
+            matrices in place (`_gram`), and the input gradient is dY @ kernel^T folded back onto the
+            input (one pad per tap, summed: the adjoint of the slices). Autodiff of the forward computes
+            the same but makes XLA copy dY into a transposed buffer first, which costs most where the
+            output gradient is large and the kernel small (first layers).
   "rows"    im2col along the kernel's columns only: the kw column-shifted views of the padded input,
             side by side (N, rows, Wo, kw*C), times the kernel as a (kw*C, kh*O) matrix gives every
             padded row convolved with every kernel row at once; output row i then adds kernel row di's
             part of padded row i*sh + di*dh (kh slices, summed). Memory traffic per output pixel is
             kw*C + kh*O values instead of im2col's kh*kw*C: no more when kw*C + kh*O <= kh*kw*C (for
             3x3 kernels, O <= 2C). Dense 2-D convs only (grouped convs and conv1d take the im2col
-            path); the backward is written by hand, like im2col's: the
-            weight gradient is row patches^T @ dZ, where dZ places dY's rows at each kernel row's
-            offset, and the input gradient is dZ @ kernel^T folded back over the kw column taps.
+            path); the gradients are written by hand, like im2col's: the weight gradient is
+            row patches^T @ dZ, where dZ places dY's rows at each kernel row's offset, and the input
+            gradient is dZ @ kernel^T folded back over the kw column taps.
   "auto"    on CPU, per convolution: "rows" for dense 2-D convs with unit row stride where it moves no
             more memory than im2col (kw*C + kh*O <= kh*kw*C), "im2col" otherwise; "xla" elsewhere.
             The default.
 
 Why not XLA's convolution on CPU: it is slow for the small-channel convs of typical CNNs, and many times
-slower again inside `lax.scan` (measured on a 2-core CPU host: a 20-step scanned training loop of a
-small CNN ran 2.2 steps/s with `conv_general_dilated` against 31-40 with im2col, on par with PyTorch's
-35-38; one 32x32x32 -> 32 layer's forward + gradients took 9.7 s per call against 0.15 s). The matmuls
-im2col and "rows" reduce to are well optimised everywhere, and slices and concatenations fuse.
+slower again inside `lax.scan`, where `jaxcnn.train.fit` runs its epochs. The matmuls im2col and "rows"
+reduce to are well optimised everywhere, and slices and concatenations fuse. The measurements behind
+these choices are in benchmarks/README.md.
 
-Measured choice between "im2col" and "rows" (2-core CPU, batch 128, whole training steps, interleaved):
-the Keras CIFAR-10 CNN (cifar10_cnn) trains 1.20x faster with "auto" than with "im2col" everywhere,
-mnist_convnet 1.04x.
+Transformations: a dense "im2col" or "rows" convolution is one JAX primitive, `jaxcnn_conv`
+(`jaxcnn.ops._primitive.bilinear`), linear in the input and in the kernel. Its value lowers to the
+slices and matmul above; its JVP is conv(dx, w) + conv(x, dw); its transposes are the hand-written
+input and weight gradients, so reverse mode compiles to the same program as a hand-written backward pass,
+and forward mode, higher derivatives, vmap (a mapped kernel, as for per-example kernels, becomes a
+grouped convolution), shard_map, checkpointing, scan and export all compose. Everything else here is
+plain lax code that JAX differentiates itself.
 
 All lowerings keep the input dtype, accumulate low-precision (bfloat16/float16) inputs in float32
 (`preferred_element_type`), add the bias in the accumulator dtype and cast back once. im2col's
-hand-written backward also sums the kh*kw per-tap contributions to the input gradient in the
-accumulator dtype and rounds once ("rows" likewise sums its kh row blocks and kw column taps in the
-accumulator dtype); grouped and depthwise im2col convolutions are differentiated by autodiff, whose
-input gradient adds those contributions in the input dtype (a few more bfloat16 roundings than the XLA
-lowering).
+hand-written input gradient also sums the kh*kw per-tap contributions in the accumulator dtype and rounds
+once ("rows" likewise sums its kh row blocks and kw column taps in the accumulator dtype); grouped and
+depthwise im2col convolutions are differentiated by autodiff, whose input gradient adds those
+contributions in the input dtype (a few more bfloat16 roundings than the XLA lowering).
 """
 from __future__ import annotations
 
 import contextlib
-import functools
 import itertools
 import os
 
@@ -58,6 +56,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxcnn.errors import ConfigError
+from jaxcnn.ops import _primitive
 from jaxcnn.ops._args import Padding, PairOrInt, pad_spatial, parse_conv_args
 
 __all__ = ["conv1d", "conv2d", "conv_lowering", "get_conv_lowering", "set_conv_lowering",
@@ -77,7 +76,7 @@ _lowering = _check_lowering(os.environ.get("JAXCNN_CONV_LOWERING", "auto"), "JAX
 
 
 def set_conv_lowering(name: str) -> None:
-  """Selects the convolution lowering for every later trace: "auto" | "xla" | "im2col".
+  """Selects the convolution lowering for every later trace: "auto" | "xla" | "im2col" | "rows".
 
   The choice is read when a function is traced, so an already-jitted function keeps the lowering it was
   traced with: call `jax.clear_caches()` (or jit a fresh function) after changing it.
@@ -93,7 +92,8 @@ def set_conv_lowering(name: str) -> None:
 
 
 def get_conv_lowering() -> str:
-  """The selected lowering name, "auto" | "xla" | "im2col" (initially $JAXCNN_CONV_LOWERING or "auto")."""
+  """The selected lowering name, "auto" | "xla" | "im2col" | "rows" (initially $JAXCNN_CONV_LOWERING or
+  "auto"; "auto" is resolved per convolution by `resolve_conv_lowering`)."""
   return _lowering
 
 
@@ -145,12 +145,9 @@ def _rows_pays(x_shape, w_shape, strides, groups) -> bool:
   """Whether "rows" beats "im2col" on CPU for this convolution: dense, 2-D, unit row stride, and no more
   memory traffic. Beyond their matmuls both are memory-bound; per output pixel, im2col writes and reads
   kh*kw*C patch values (and as many input-gradient columns), "rows" kw*C + kh*O (row patches and
-  partial outputs, and their gradients).
-
-  Measured on a 2-core CPU at batch 128, forward + both gradients of one layer inside lax.scan:
-  32x32x32 -> 32 "same" 1.9x faster with "rows", 16x16x64 -> 64 1.3x, even at O = 2C (16x16x32 -> 64,
-  13x13x32 -> 64), and 3x slower for a 3-channel first layer (kw*C = 9 makes a poor matmul). In whole
-  training steps, taking "rows" at O = 2C too was 4-8% faster (mnist_convnet, cifar10_cnn)."""
+  partial outputs, and their gradients). Equal traffic (O = 2C for 3x3) goes to "rows", which measured
+  faster there; a few-channel first layer goes to im2col (kw*C is then a poor matmul depth). The layer
+  and training-step measurements are in benchmarks/README.md."""
   if groups != 1 or len(x_shape) != 4 or strides[0] != 1:
     return False
   kh, kw, c, o = w_shape
@@ -227,48 +224,47 @@ def _gram(a, b, acc_dtype):
 
   Both operands are flattened to (rows, K) / (rows, O) matrices (free reshapes) and contracted over their
   rows where they lie, dY on the left; the small (O, K) result is transposed. Autodiff of the forward
-  matmul would have XLA copy dY into an (O, rows) transposed buffer first. Of the equivalent forms, this
-  one trained fastest on a 2-core CPU (batch 128, interleaved runs): 10% faster per step than patches on
-  the left with the (N, H, W) axes contracted unflattened for the Keras CIFAR-10 CNN, 4% for
-  mnist_convnet; dY on the left *unflattened* was 27% slower, and splitting the rows into chunks
-  (a batched matmul summed afterwards) gained less.
+  matmul would have XLA copy dY into an (O, rows) transposed buffer first. Of the equivalent forms
+  (patches on the left, the (N, H, W) axes contracted unflattened, row chunks summed) this one trained
+  fastest (benchmarks/README.md).
   """
   a = a.reshape(-1, a.shape[-1])
   b = b.reshape(-1, b.shape[-1])
   return lax.dot_general(b, a, (((0,), (0,)), ((), ())), preferred_element_type=acc_dtype).T
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def _im2col_dense(x, w, strides, pads, dilation, acc_dtype):
-  """groups == 1: patches @ kernel matrix, (N, *out, O) in acc_dtype; the backward is hand-written."""
-  return _im2col_dense_forward(x, w, strides, pads, dilation, acc_dtype)[0]
-
-
-def _im2col_dense_forward(x, w, strides, pads, dilation, acc_dtype):
+def _im2col_forward(x, w, *, strides, pads, dilation, acc_dtype):
+  """groups == 1: patches @ kernel matrix, (N, *out, O) in acc_dtype."""
   patches = _patches(x, w.shape[:-2], strides, pads, dilation)
-  return _contract_last(patches, w.reshape(-1, w.shape[-1]), 0, acc_dtype), (x, w)
+  return _contract_last(patches, w.reshape(-1, w.shape[-1]), 0, acc_dtype)
 
 
-def _im2col_dense_backward(strides, pads, dilation, acc_dtype, residuals, dy):
-  x, w = residuals
-  window, c_out = w.shape[:-2], w.shape[-1]
+def _im2col_input_grad(dy, w, x_aval, *, strides, pads, dilation, acc_dtype):
+  """The transpose of `_im2col_forward` in x: dY @ kernel^T folded back onto the input."""
+  dy = dy.astype(x_aval.dtype)
+  cols = _contract_last(dy, w.reshape(-1, w.shape[-1]), 1, acc_dtype)
+  dx = _fold_patches(cols, x_aval.shape, w.shape[:-2], strides, pads, dilation)
+  return dx.astype(x_aval.dtype)
+
+
+def _im2col_weight_grad(dy, x, w_aval, *, strides, pads, dilation, acc_dtype):
+  """The transpose of `_im2col_forward` in w: patches^T @ dY, contracted in place (`_gram`)."""
   # The patches are rebuilt rather than saved: XLA shares them with the forward's when both are in one
   # program, and otherwise recomputing slices is cheaper than keeping taps * |x| alive.
-  patches = _patches(x, window, strides, pads, dilation)
-  dy = dy.astype(x.dtype)
-  dw = _gram(patches, dy, acc_dtype)
-  cols = _contract_last(dy, w.reshape(-1, c_out), 1, acc_dtype)
-  dx = _fold_patches(cols, x.shape, window, strides, pads, dilation)
-  return dx.astype(x.dtype), dw.reshape(w.shape).astype(w.dtype)
-
-
-_im2col_dense.defvjp(_im2col_dense_forward, _im2col_dense_backward)
+  patches = _patches(x, w_aval.shape[:-2], strides, pads, dilation)
+  dw = _gram(patches, dy.astype(x.dtype), acc_dtype)
+  return dw.reshape(w_aval.shape).astype(w_aval.dtype)
 
 
 def _conv_im2col(x, w, strides, pads, dilation, groups, acc_dtype):
   if groups == 1:
-    return _im2col_dense(x, w, tuple(strides), tuple(tuple(p) for p in pads), tuple(dilation),
-                         jnp.dtype(acc_dtype))
+    return _dense_conv(x, w, "im2col", strides, pads, dilation, acc_dtype)
+  return _conv_im2col_grouped(x, w, strides, pads, dilation, groups, acc_dtype)
+
+
+def _conv_im2col_grouped(x, w, strides, pads, dilation, groups, acc_dtype):
+  """groups > 1, differentiated by autodiff: depthwise as summed elementwise products, otherwise one
+  matmul batched over groups."""
   window = w.shape[:-2]
   c_per_group, c_out = w.shape[-2], w.shape[-1]
   taps = len(slices := _shifted_slices(x, window, strides, pads, dilation))
@@ -319,13 +315,8 @@ def _rows_kernel(w):
   return jnp.transpose(w, (1, 2, 0, 3)).reshape(kw * c, kh * o)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def _rows_dense(x, w, strides, pads, dilation, acc_dtype):
-  """2-D, groups == 1: the "rows" lowering, (N, Ho, Wo, O) in acc_dtype; the backward is hand-written."""
-  return _rows_dense_forward(x, w, strides, pads, dilation, acc_dtype)[0]
-
-
-def _rows_dense_forward(x, w, strides, pads, dilation, acc_dtype):
+def _rows_forward(x, w, *, strides, pads, dilation, acc_dtype):
+  """2-D, groups == 1: the "rows" lowering, (N, Ho, Wo, O) in acc_dtype."""
   kh, o = w.shape[0], w.shape[-1]
   sh, dh = strides[0], dilation[0]
   _, _, _, ho, wo = _rows_geometry(x.shape, w.shape, strides, pads, dilation)
@@ -339,25 +330,28 @@ def _rows_dense_forward(x, w, strides, pads, dilation, acc_dtype):
     limit = (z.shape[0], di * dh + (ho - 1) * sh + 1, wo, (di + 1) * o)
     part = lax.slice(z, start, limit, (1, sh, 1, 1))
     y = part if y is None else y + part
-  return y, (x, w)
+  return y
 
 
-def _rows_dense_backward(strides, pads, dilation, acc_dtype, residuals, dy):
-  x, w = residuals
-  kh, kw, c, _ = w.shape
-  (sh, sw), (dh, dw) = strides, dilation
-  hp, wp, used, ho, wo = _rows_geometry(x.shape, w.shape, strides, pads, dilation)
-  dy = dy.astype(x.dtype)
+def _rows_output_grad_blocks(dy, x_shape, w_shape, strides, pads, dilation):
+  """dZ, the gradient of the "rows" product z: output row i's gradient lands on padded row
+  i * sh + di * dh of block di (one pad per kernel row; interior padding undoes the stride)."""
+  kh = w_shape[0]
+  sh, dh = strides[0], dilation[0]
+  _, _, used, ho, _ = _rows_geometry(x_shape, w_shape, strides, pads, dilation)
   zero = jnp.zeros((), dy.dtype)
-  # dz, the gradient of z: output row i's gradient lands on padded row i * sh + di * dh of block di
-  # (one pad per kernel row; interior padding undoes the stride).
   blocks = [lax.pad(dy, zero, ((0, 0, 0), (di * dh, used - di * dh - (ho - 1) * sh - 1, sh - 1), (0, 0, 0),
                                (0, 0, 0))) for di in range(kh)]
-  # Stacked on a new axis and merged, not concatenated: the same array, but XLA fuses it better here
-  # (mnist_convnet's training step 1.06-1.08x faster on a 2-core CPU, cifar10_cnn's within noise).
-  dz = jnp.stack(blocks, axis=-2).reshape(*blocks[0].shape[:-1], -1)
-  # The row patches are rebuilt rather than saved, as in `_im2col_dense_backward`.
-  dw_matrix = _gram(_row_patches(x, w.shape, strides, pads, dilation), dz, acc_dtype)
+  # Stacked on a new axis and merged, not concatenated: the same array, but XLA fuses it better here.
+  return jnp.stack(blocks, axis=-2).reshape(*blocks[0].shape[:-1], -1)
+
+
+def _rows_input_grad(dy, w, x_aval, *, strides, pads, dilation, acc_dtype):
+  """The transpose of `_rows_forward` in x: dZ @ kernel^T, folded back over the kw column taps."""
+  kh, kw, c, _ = w.shape
+  sw, dw = strides[1], dilation[1]
+  hp, wp, used, _, wo = _rows_geometry(x_aval.shape, w.shape, strides, pads, dilation)
+  dz = _rows_output_grad_blocks(dy.astype(x_aval.dtype), x_aval.shape, w.shape, strides, pads, dilation)
   dpatches = _contract_last(dz, _rows_kernel(w), 1, acc_dtype)  # (N, used, Wo, kw * C)
   # The adjoint of `_row_patches`: each column tap's block padded back to where it was read, summed.
   acc_zero = jnp.zeros((), dpatches.dtype)
@@ -369,18 +363,74 @@ def _rows_dense_backward(strides, pads, dilation, acc_dtype, residuals, dy):
     total = placed if total is None else total + placed
   dx = lax.pad(total, acc_zero, ((0, 0, 0), (-pads[0][0], hp - used - pads[0][1], 0),
                                  (-pads[1][0], -pads[1][1], 0), (0, 0, 0)))
+  return dx.astype(x_aval.dtype)
+
+
+def _rows_weight_grad(dy, x, w_aval, *, strides, pads, dilation, acc_dtype):
+  """The transpose of `_rows_forward` in w: row patches^T @ dZ, contracted in place (`_gram`)."""
+  kh, kw, c, _ = w_aval.shape
+  dz = _rows_output_grad_blocks(dy.astype(x.dtype), x.shape, w_aval.shape, strides, pads, dilation)
+  # The row patches are rebuilt rather than saved, as in `_im2col_weight_grad`.
+  dw_matrix = _gram(_row_patches(x, w_aval.shape, strides, pads, dilation), dz, acc_dtype)
   dw_kernel = jnp.transpose(dw_matrix.reshape(kw, c, kh, -1), (2, 0, 1, 3))
-  return dx.astype(x.dtype), dw_kernel.astype(w.dtype)
+  return dw_kernel.astype(w_aval.dtype)
 
 
-_rows_dense.defvjp(_rows_dense_forward, _rows_dense_backward)
+_DENSE = {"im2col": (_im2col_forward, _im2col_input_grad, _im2col_weight_grad),
+          "rows": (_rows_forward, _rows_input_grad, _rows_weight_grad)}
+
+
+def _dense_forward(x, w, *, lowering, **geometry):
+  return _DENSE[lowering][0](x, w, **geometry)
+
+
+def _dense_input_grad(dy, w, x_aval, *, lowering, **geometry):
+  return _DENSE[lowering][1](dy, w, x_aval, **geometry)
+
+
+def _dense_weight_grad(dy, x, w_aval, *, lowering, **geometry):
+  return _DENSE[lowering][2](dy, x, w_aval, **geometry)
+
+
+def _dense_batch(bind, args, dims, *, lowering, strides, pads, dilation, acc_dtype):
+  """vmap of the dense primitive: a mapped input joins the batch axis, a mapped kernel the output
+  channels (both still one primitive), and a mapped input with a mapped kernel (per-example kernels) is
+  a grouped convolution with one group per example, differentiated by autodiff."""
+  (x, w), (bx, bw) = args, dims
+  params = dict(lowering=lowering, strides=strides, pads=pads, dilation=dilation, acc_dtype=acc_dtype)
+  if bw is None:
+    x = jnp.moveaxis(x, bx, 0)
+    size, n = x.shape[:2]
+    y = bind(x.reshape(size * n, *x.shape[2:]), w, **params)
+    return y.reshape(size, n, *y.shape[1:]), 0
+  w = jnp.moveaxis(w, bw, -2)  # (*window, C, B, O)
+  size, c_out = w.shape[-2:]
+  w = w.reshape(*w.shape[:-2], size * c_out)
+  if bx is None:
+    y = bind(x, w, **params)
+  else:
+    x = jnp.moveaxis(x, bx, -2)  # (N, *spatial, B, C)
+    x = x.reshape(*x.shape[:-2], size * x.shape[-1])
+    y = _conv_im2col_grouped(x, w, strides, pads, dilation, size, acc_dtype)
+  return y.reshape(*y.shape[:-1], size, c_out), y.ndim - 1
+
+
+_dense_primitive = _primitive.bilinear("jaxcnn_conv", _dense_forward, _dense_input_grad,
+                                       _dense_weight_grad, _dense_batch)
+
+
+def _dense_conv(x, w, lowering, strides, pads, dilation, acc_dtype):
+  """A dense (groups == 1) convolution as one primitive whose transposes are the hand-written input and
+  weight gradients of `lowering` ("im2col" or "rows"); (N, *out, O) in acc_dtype."""
+  return _dense_primitive(x, w, lowering=lowering, strides=tuple(strides),
+                          pads=tuple(tuple(p) for p in pads), dilation=tuple(dilation),
+                          acc_dtype=jnp.dtype(acc_dtype))
 
 
 def _conv_rows(x, w, strides, pads, dilation, groups, acc_dtype):
   if groups != 1 or x.ndim != 4:
     return _conv_im2col(x, w, strides, pads, dilation, groups, acc_dtype)
-  return _rows_dense(x, w, tuple(strides), tuple(tuple(p) for p in pads), tuple(dilation),
-                     jnp.dtype(acc_dtype))
+  return _dense_conv(x, w, "rows", strides, pads, dilation, acc_dtype)
 
 
 def _conv(x, w, b, strides, padding, dilation, groups, n, layout, kernel_layout):

@@ -31,16 +31,12 @@ def _check_dropout_args(x, rate, rng, deterministic) -> bool:
   return False
 
 
-def _dropout_mask(rng, rate, shape):
-  """The kept-cell mask both twins use: bernoulli(rng, 1 - rate, shape), True = kept."""
-  return jax.random.bernoulli(rng, 1.0 - rate, shape)
-
-
 def dropout(x, rate: float, *, rng=None, deterministic: bool = False):
   """Inverted dropout: zero each entry with probability `rate`, scale the kept ones by 1 / (1 - rate).
 
-  The mask is `jax.random.bernoulli(rng, 1 - rate, x.shape)` (True = kept), so the same rng gives the
-  same mask here and in `jaxcnn.reference.dropout`, and E[dropout(x)] = x.
+  The mask is `jax.random.bernoulli(rng, 1 - rate, x.shape)` (True = kept): a function of the key
+  alone, so a given key drops the same cells on every call, and E[dropout(x)] = x.
+  `jaxcnn.reference.dropout` derives the same mask from the key's random bits with its own code.
 
   Args:
     x: floating array of any shape.
@@ -54,7 +50,7 @@ def dropout(x, rate: float, *, rng=None, deterministic: bool = False):
   if _check_dropout_args(x, rate, rng, deterministic):
     return jnp.asarray(x)
   x = jnp.asarray(x)
-  keep = _dropout_mask(rng, rate, x.shape)
+  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
   return jnp.where(keep, x * jnp.asarray(1.0 / (1.0 - rate), x.dtype), jnp.zeros((), x.dtype))
 
 

@@ -5,6 +5,7 @@ reuses so both twins reject the same bad input with the same message.
 """
 from __future__ import annotations
 
+import math
 import numbers
 
 import jax.numpy as jnp
@@ -43,7 +44,10 @@ def _check_batch_norm_args(x, scale, bias, mean, var, train, momentum, epsilon):
 
 def _check_unbiased_count(x, train, axis_name, unbiased_running_var):
   """The unbiased variance needs at least two values per channel (PyTorch refuses one, too)."""
-  if train and unbiased_running_var and axis_name is None and np.prod(jnp.shape(x)[:-1]) < 2:
+  per_channel = jnp.shape(x)[:-1]
+  if not all(isinstance(d, int) for d in per_channel):
+    return  # symbolic (exported) shapes: the count is known only when the program runs
+  if train and unbiased_running_var and axis_name is None and np.prod(per_channel) < 2:
     raise ValueError(f"unbiased_running_var=True needs more than one value per channel, x has shape "
                      f"{tuple(jnp.shape(x))}")
 
@@ -114,7 +118,8 @@ def batch_norm(x, scale, bias, mean, var, *, train: bool, momentum: float = 0.99
     mu, sigma2 = batch_mean.reshape(-1), batch_var.reshape(-1)
     running_var_batch = sigma2
     if unbiased_running_var:
-      count = float(np.prod(x.shape[:-1]))
+      # jnp.asarray: the batch may be a symbolic dimension (jax.export).
+      count = jnp.asarray(math.prod(x.shape[:-1]), acc)
       if axis_name is not None:
         count = count * lax.axis_size(axis_name)
       running_var_batch = sigma2 * (count / jnp.maximum(count - 1.0, 1.0))

@@ -2,27 +2,22 @@
 
 Lowerings, chosen statically from shapes (all of them jit-friendly):
   - sums with stride == window along a dim: the window's strided slices of that dim added, one dim at
-    a time (one fused pass; faster than reshape + reduce, which XLA CPU hands to a library call with a
-    fixed overhead: 2x2 average of 32x28x28x16, forward, 0.10 vs 0.16-0.21 ms; of 128x32x32x32,
-    0.59 vs 0.93 ms).
+    a time (one fused pass; reshape + reduce would go to a library call with a fixed overhead on XLA
+    CPU).
   - max with stride == window on every spatial dim: crop what "valid" drops, reshape each spatial dim
-    into (out, window) and reduce the window axes. One fused reduction; its backward is a hand-written
-    `jax.custom_vjp` that compares each of the window's strided views with the maximum and sends the gradient to the first match in row-major order (as PyTorch; ties
-    stay deterministic). Autodiff of the reduction would split the gradient among tied cells, which
-    costs a count pass and a divide: with ReLU in front, fwd+bwd of 2x2 max pooling on 128x26x26x32
-    inside lax.scan went from 30-43 ms to 12-19 ms on a loaded 2-core CPU.
+    into (out, window) and reduce the window axes. One fused reduction. Its derivative is that of each
+    tile's first maximum in row-major order (as PyTorch; ties stay deterministic): a `jax.custom_jvp`
+    whose tangent is a linear primitive (`jaxcnn.ops._primitive.linear`) that reads the tangent at
+    those maxima, and whose transpose, the backward pass, compares each of the tile's strided views
+    with the maximum and writes the cotangent to the first match. Autodiff of the reduction would split
+    the gradient among tied cells, which costs a count pass and a divide.
   - otherwise (overlapping or gapped windows), separably, one spatial dim at a time (for max, a dim
     whose stride equals its window still uses the reshape):
       max: combine the `window` strided slices of that dim with `maximum`;
       sum: a 1-D `lax.reduce_window` add along that dim.
 `lax.reduce_window` max is avoided: on XLA CPU its backward (select_and_scatter) is slow, and slower
 still inside `lax.scan`; the add variant's backward is a plain pad + window sum and is the fastest sum.
-Measured on a 128x26x26x32 float32 input, forward + backward under jit (ms):
-  3x3/2 max: reduce_window 48, per-tap slices 46, separable slices 11, separable reduce_window 46
-  3x3/1 max: reduce_window 119, per-tap slices 87, separable slices 44
-  2x2/2 max: reduce_window 42, reshape 10
-  3x3/2 sum: reduce_window 14, per-tap slices 48, separable slices 15, separable reduce_window 7
-  3x3/1 sum: reduce_window 28-38, separable slices 48, separable reduce_window 23
+The measurements behind these choices are in benchmarks/README.md.
 
 Padding follows `jaxcnn.ops._args.resolve_padding`: "valid"; "same" (TensorFlow: out = ceil(in/stride),
 the odd cell on the bottom/right); an int or (lo, hi) pairs (PyTorch). Padded cells never win a max;
@@ -41,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxcnn.ops import _primitive
 from jaxcnn.ops._args import (PairOrInt, Padding, check_floating, check_rank, compute_dtype, pad_spatial,
                               parse_pool_args)
 
@@ -66,7 +62,7 @@ def _reduce_windows(x, window: Sequence[int], strides: Sequence[int], kind: str)
     axis = 1 + d
     if k == s and kind == "sum":
       # The k strided slices of this dim added: one fused pass, faster than the reshape's reduction
-      # (a library call with fixed overhead on XLA CPU) on every measured shape.
+      # (a library call with fixed overhead on XLA CPU).
       pieces = [lax.slice_in_dim(x, tap, tap + (o - 1) * s + 1, stride=s, axis=axis) for tap in range(k)]
       x = functools.reduce(operator.add, pieces)
       continue
@@ -109,44 +105,80 @@ def _tile_views(x, window, out):
   return views
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def _max_tiles(x, window):
   """Max over non-overlapping windows (tiles): (N, *spatial, C) -> (N, *(spatial // window), C).
 
-  The gradient of each tile goes to its first maximum in row-major order; cropped cells get none.
+  The derivative of each tile is that of its first maximum in row-major order (cropped cells have
+  none): the tangent is `_route_to_first_max`, a linear primitive whose transpose is a hand-written
+  scatter of the cotangent onto those maxima.
   """
   return _reduce_tiles(x, window, jnp.max)
 
 
-def _max_tiles_forward(x, window):
+@_max_tiles.defjvp
+def _max_tiles_jvp(window, primals, tangents):
+  (x,), (tx,) = primals, tangents
   y = _reduce_tiles(x, window, jnp.max)
-  return y, (x, y)
+  return y, _route_to_first_max(tx, x, y, window=window)
 
 
-def _max_tiles_backward(window, residuals, g):
-  x, y = residuals
-  out = y.shape[1:-1]
-  zero = jnp.zeros((), g.dtype)
+def _first_maxima(x, y, window):
+  """One boolean (N, *out, C) array per position within a tile (row-major): True where that position
+  holds the tile's maximum y and no earlier position does."""
   taken = None
-  grads = []
-  for view in _tile_views(x, window, out):
+  hits = []
+  for view in _tile_views(x, window, y.shape[1:-1]):
     hit = view == y
     if taken is None:
       taken = hit
     else:
       hit = hit & ~taken
       taken = taken | hit
-    grads.append(jnp.where(hit, g, zero))
+    hits.append(hit)
+  return hits
+
+
+def _route_forward(t, x, y, *, window):
+  """t's value at each tile's first maximum of x: (N, *spatial, C) -> (N, *out, C); linear in t."""
+  zero = jnp.zeros((), t.dtype)
+  total = None
+  for hit, view in zip(_first_maxima(x, y, window), _tile_views(t, window, y.shape[1:-1])):
+    term = jnp.where(hit, view, zero)
+    total = term if total is None else total + term
+  return total
+
+
+def _route_transpose(g, x, y, t_aval, *, window):
+  """The transpose of `_route_forward` in t: each tile's g written to its first maximum, zeros
+  elsewhere (one select per tile position, interleaved back into place by a reshape)."""
+  del t_aval
+  out = y.shape[1:-1]
+  zero = jnp.zeros((), g.dtype)
+  grads = [jnp.where(hit, g, zero) for hit in _first_maxima(x, y, window)]
   n = len(window)
   # (N, *out, taps, C) -> (N, *out, *window, C) -> (N, o1, k1, o2, k2, ..., C) -> (N, o1*k1, ..., C)
   tiles = jnp.stack(grads, axis=-2).reshape(x.shape[0], *out, *window, x.shape[-1])
   order = [0, *itertools.chain.from_iterable((1 + d, 1 + n + d) for d in range(n)), 2 * n + 1]
   dx = tiles.transpose(order).reshape(x.shape[0], *(o * k for o, k in zip(out, window)), x.shape[-1])
-  dx = jnp.pad(dx, ((0, 0), *((0, size - o * k) for size, o, k in zip(x.shape[1:-1], out, window)), (0, 0)))
-  return (dx,)
+  return jnp.pad(dx, ((0, 0), *((0, size - o * k) for size, o, k in zip(x.shape[1:-1], out, window)),
+                      (0, 0)))
 
 
-_max_tiles.defvjp(_max_tiles_forward, _max_tiles_backward)
+def _route_batch(bind, args, dims, *, window):
+  """vmap: every operand's mapped axis joins the batch axis (unmapped operands are broadcast first)."""
+  size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+  folded = []
+  for a, d in zip(args, dims):
+    a = jnp.broadcast_to(a, (size, *a.shape)) if d is None else jnp.moveaxis(a, d, 0)
+    n = a.shape[1]
+    folded.append(a.reshape(size * n, *a.shape[2:]))
+  out = bind(*folded, window=window)
+  return out.reshape(size, n, *out.shape[1:]), 0
+
+
+_route_to_first_max = _primitive.linear("jaxcnn_route_to_first_max", _route_forward, _route_transpose,
+                                        _route_batch)
 
 
 def _real_cell_counts(spatial, window, strides, pads):

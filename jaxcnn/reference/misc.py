@@ -1,23 +1,46 @@
 """Reference dropout, upsampling and zero padding, written from explicit masks, indices and weights.
 
 Argument checks are shared with `jaxcnn.ops.misc` (same errors); the arithmetic is independent.
+
+Dropout is random, so "the same result" needs a definition: the fast op's contract is that its mask is
+`jax.random.bernoulli(rng, 1 - rate, x.shape)`, i.e. a function of the key's random bits. The twin
+takes those bits (`jax.random.bits`, the key's stream itself) and turns them into the mask with its own
+naive arithmetic, written from the definition of a uniform draw: the top `nmant` bits of each word,
+scaled by 2^-nmant, are a uniform sample on [0, 1), and a cell is kept when its sample is below
+1 - rate. So the two agree cell for cell (a wrong mask derivation, scale or rate shows as an exact
+mismatch), while the mask statistics (kept fraction, preserved mean) are tested for both separately.
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxcnn.ops._args import compute_dtype
-from jaxcnn.ops.misc import _check_dropout_args, _dropout_mask, _parse_upsample_args, _parse_zero_pad_args
+from jaxcnn.ops.misc import _check_dropout_args, _parse_upsample_args, _parse_zero_pad_args
 
 __all__ = ["dropout", "upsample2d", "zero_pad2d"]
 
 
-def dropout(x, rate: float, *, rng=None, deterministic: bool = False):
-  """Reference inverted dropout: x * mask / (1 - rate), mask = bernoulli(rng, 1 - rate, x.shape).
+def _kept(rng, rate, shape):
+  """True where a cell is kept: the uniform sample read from the key's random bits is below 1 - rate.
 
-  The mask derivation is the fast op's (same rng -> same mask), so the two agree exactly up to
-  rounding of the scale.
+  A Python float `1 - rate` is a float32 probability (float64 with jax_enable_x64), whose mantissa has
+  nmant = 23 (52) bits; each cell's sample is its random word's top nmant bits times 2^-nmant, exactly
+  representable, so the comparison has no rounding.
+  """
+  dtype = jnp.dtype(jnp.result_type(float))
+  nbits, nmant = dtype.itemsize * 8, jnp.finfo(dtype).nmant
+  words = jax.random.bits(rng, shape, jnp.dtype(f"uint{nbits}"))
+  sample = (words >> (nbits - nmant)).astype(dtype) * dtype.type(2.0 ** -nmant)
+  return sample < dtype.type(1.0 - rate)
+
+
+def dropout(x, rate: float, *, rng=None, deterministic: bool = False):
+  """Reference inverted dropout: x * mask / (1 - rate), mask[i] = (uniform sample i of rng) < 1 - rate.
+
+  The mask is derived from the key's random bits by this module's own arithmetic (see the module
+  docstring), and equals the fast op's cell for cell; the outputs agree up to rounding of the scale.
 
   Args:
     x: floating array of any shape.
@@ -32,7 +55,7 @@ def dropout(x, rate: float, *, rng=None, deterministic: bool = False):
     return jnp.asarray(x)
   x = jnp.asarray(x)
   acc = compute_dtype(x.dtype)
-  mask = _dropout_mask(rng, rate, x.shape).astype(acc)
+  mask = _kept(rng, rate, x.shape).astype(acc)
   return (x.astype(acc) * mask / (1.0 - rate)).astype(x.dtype)
 
 

@@ -45,10 +45,9 @@ def test_batch_norm_train_vs_eval():
     variables = layer.init(jax.random.key(0), x)
     eval_y, eval_updates = layer.apply(variables, x, mutable=["batch_stats"])
     train_y, train_updates = layer.apply(variables, x, train=True, mutable=["batch_stats"])
-    frozen_train_y = layer.apply(variables, x, train=True)  # batch_stats immutable: no update, no error
-    return variables, eval_y, eval_updates, train_y, train_updates, frozen_train_y
+    return variables, eval_y, eval_updates, train_y, train_updates
 
-  variables, eval_y, eval_updates, train_y, train_updates, frozen_train_y = _compute(program, x)
+  variables, eval_y, eval_updates, train_y, train_updates = _compute(program, x)
   x64 = x.astype(np.float64)
   # init leaves the running statistics at their initial values.
   np.testing.assert_array_equal(variables["batch_stats"]["mean"], np.zeros(2))
@@ -60,7 +59,6 @@ def test_batch_norm_train_vs_eval():
   # train: batch statistics, and running ones move by the Keras rule new = 0.99 old + 0.01 batch.
   mean, var = x64.mean(axis=(0, 1, 2)), x64.var(axis=(0, 1, 2))
   assert_close(train_y, (x64 - mean) / np.sqrt(var + 1e-3), atol=1e-4, rtol=1e-4)
-  assert_close(frozen_train_y, train_y)
   assert_close(train_updates["batch_stats"]["mean"], 0.01 * mean)
   assert_close(train_updates["batch_stats"]["var"], 0.99 + 0.01 * var)
 
@@ -103,6 +101,75 @@ def test_batch_norm_axis_name_averages_statistics_across_devices():
   for device in range(4):  # every replica holds the same, global, statistics
     assert_close(updates["batch_stats"]["mean"][device], 0.01 * mean)
     assert_close(updates["batch_stats"]["var"][device], 0.99 + 0.01 * var)
+
+
+def test_batch_norm_training_without_mutable_batch_stats_raises():
+  # As flax.linen.BatchNorm: a dropped update would leave the running statistics at 0 / 1.
+  x = _x(4, 3, 3, 2)
+  layer = BatchNorm()
+  variables = layer.init(jax.random.key(0), x, train=True)  # init with train=True is fine
+  for mutable in (False, ["intermediates"]):
+    with pytest.raises(ValueError, match=r"BatchNorm: train=True updates the running statistics, but the "
+                                         r"batch_stats collection is immutable; call apply\(\.\.\., "
+                                         r"mutable=\['batch_stats'\]\)"):
+      layer.apply(variables, x, train=True, mutable=mutable)
+  # Inside a model the error names the layer class too, and eval needs nothing mutable.
+  from jaxcnn import models
+  model = models.get("mnist_bn_cnn")
+  images = jnp.zeros((2, 28, 28, 1))
+  model_vars = jax.eval_shape(model.init, jax.random.key(0), images)
+  with pytest.raises(ValueError, match="BatchNorm: train=True"):
+    jax.eval_shape(lambda v: model.apply(v, images, train=True, rngs={"dropout": jax.random.key(1)}),
+                   model_vars)
+  assert jax.eval_shape(lambda v: model.apply(v, images), model_vars).shape == (2, 10)
+
+
+@pytest.mark.parametrize("dtype", [None, jnp.bfloat16])
+def test_batch_norm_keeps_float32_statistics_under_bfloat16(dtype):
+  x = _x(8, 3, 3, 4, loc=3.0, scale=2.0)
+  layer = BatchNorm(momentum=0.9, dtype=dtype)
+  x_in = jnp.asarray(x, jnp.bfloat16)
+  variables = layer.init(jax.random.key(0), x_in)
+  assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(variables))
+  y, updates = layer.apply(variables, x_in, train=True, mutable=["batch_stats"])
+  # dtype None: promoted from the bfloat16 input and float32 parameters (flax's rule); bfloat16 forced.
+  assert y.dtype == (jnp.float32 if dtype is None else jnp.bfloat16)
+  stats = updates["batch_stats"]
+  assert stats["mean"].dtype == stats["var"].dtype == jnp.float32
+  # The statistics are those of the bfloat16 input computed in float32, not rounded to bfloat16.
+  xb = np.asarray(x_in, np.float64).reshape(-1, 4)
+  np.testing.assert_allclose(stats["mean"], 0.1 * xb.mean(0), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(stats["var"], 0.9 + 0.1 * xb.var(0), rtol=1e-6, atol=1e-6)
+
+
+def test_batch_norm_axis_name_under_shard_map_equals_one_device():
+  # Batch sharded over 4 devices with shard_map (check_vma on): the statistics, the output and the
+  # gradients equal the 1-device run on the whole batch.
+  from jax.sharding import PartitionSpec as P
+  if len(jax.devices()) < 4:
+    pytest.skip("needs 4 devices (conftest forces 4 host CPU devices)")
+  mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:4])
+  x = _x(8, 3, 3, 2, loc=1.0, scale=2.0)
+  weights = _x(8, 3, 3, 2, seed=4)
+  layer, global_layer = BatchNorm(axis_name="data", momentum=0.9), BatchNorm(momentum=0.9)
+  variables = {"params": {"scale": 1.0 + _x(2, seed=2), "bias": _x(2, seed=3)},
+               "batch_stats": {"mean": np.zeros(2, np.float32), "var": np.ones(2, np.float32)}}
+
+  def loss(layer, params, x, w):
+    y, updates = layer.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
+    return jnp.sum(y * w), (y, updates["batch_stats"])
+
+  def sharded(params, x, w):
+    (_, (y, stats)), grads = jax.value_and_grad(lambda p: loss(layer, p, x, w), has_aux=True)(params)
+    return y, stats, grads
+
+  y, stats, grads = jax.jit(jax.shard_map(sharded, mesh=mesh, in_specs=(P(), P("data"), P("data")),
+                                          out_specs=(P("data"), P(), P())))(variables["params"], x, weights)
+  (_, (y1, stats1)), grads1 = jax.jit(jax.value_and_grad(
+      lambda p, x, w: loss(global_layer, p, x, w), has_aux=True))(variables["params"], x, weights)
+  assert_close(y, y1)
+  for a, b in zip(jax.tree.leaves((stats, grads)), jax.tree.leaves((stats1, grads1))):
+    assert_close(a, b)
 
 
 def test_batch_norm_bad_input():

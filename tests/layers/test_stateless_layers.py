@@ -58,14 +58,14 @@ def _init_apply(layer, x, expected_fn=None):
 @pytest.mark.parametrize("kwargs", [
     dict(),
     dict(strides=2, padding="same"),
-    dict(padding=1, dilation=2),
+    dict(padding=1, dilation_rate=2),
     dict(groups=2, padding=((0, 1), (2, 0))),
     dict(strides=(1, 2), use_bias=False),
 ])
 def test_conv2d_matches_op(kwargs):
   x = _x(2, 7, 8, 4)
   layer = Conv2D(6, 3, **kwargs)
-  op_kwargs = {k: v for k, v in kwargs.items() if k != "use_bias"}
+  op_kwargs = {("dilation" if k == "dilation_rate" else k): v for k, v in kwargs.items() if k != "use_bias"}
   variables, y, expected = _init_apply(
       layer, x, lambda p, v: ops.conv2d(v, p["kernel"], p.get("bias"), **op_kwargs))
   params = variables["params"]
@@ -76,7 +76,8 @@ def test_conv2d_matches_op(kwargs):
 
 def test_conv2d_keras_defaults():
   layer = Conv2D(5, 3)
-  assert (layer.strides, layer.padding, layer.dilation, layer.groups, layer.use_bias, layer.activation) == (
+  assert (layer.strides, layer.padding, layer.dilation_rate, layer.groups, layer.use_bias,
+          layer.activation) == (
       1, "valid", 1, 1, True, None)
   variables, y = _init_apply(layer, _x(1, 8, 8, 2))
   assert y.shape == (1, 6, 6, 5)  # "valid" by default, as Keras and PyTorch
@@ -299,3 +300,73 @@ def test_activation_bad_names():
     Activation(None)
   with pytest.raises(ValueError, match="Dense: activation must be a name, a callable or None, got 3"):
     Dense(2, activation=3)
+
+
+# -- dtype / param_dtype (flax.linen's convention) --------------------------------------------------------
+
+def _every_layer():
+  """(layer, input shape) for every layer of jaxcnn.layers (Sequential is a container, not a layer)."""
+  from jaxcnn import layers
+  from jaxcnn.layers import (BatchNorm, Conv1DTranspose, Conv2DTranspose, Cropping2D, DepthwiseConv2D,
+                             Dropout, GroupNormalization, LayerNormalization, SeparableConv2D,
+                             SpatialDropout2D)
+  cases = [(Conv2D(4, 3), (2, 6, 6, 3)), (Conv1D(4, 3), (2, 6, 3)), (Dense(4), (2, 5)),
+           (BatchNorm(), (2, 4, 4, 3)), (LocalResponseNorm(3), (2, 4, 4, 5)), (Dropout(0.5), (2, 6)),
+           (MaxPool2D(), (2, 4, 4, 3)), (AvgPool2D(), (2, 4, 4, 3)), (MaxPool1D(), (2, 4, 3)),
+           (AvgPool1D(), (2, 4, 3)), (GlobalAvgPool2D(), (2, 4, 4, 3)), (GlobalMaxPool2D(), (2, 4, 4, 3)),
+           (GlobalAvgPool1D(), (2, 4, 3)), (GlobalMaxPool1D(), (2, 4, 3)), (UpSampling2D(), (2, 3, 3, 2)),
+           (ZeroPadding2D(), (2, 3, 3, 2)), (Flatten(), (2, 3, 3)), (Activation("relu"), (2, 3)),
+           (Conv2DTranspose(4, 3, strides=2), (2, 4, 4, 3)), (Conv1DTranspose(4, 3), (2, 5, 3)),
+           (DepthwiseConv2D(3), (2, 5, 5, 3)), (SeparableConv2D(4, 3), (2, 5, 5, 3)),
+           (GroupNormalization(groups=2), (2, 4, 4, 4)), (LayerNormalization(), (2, 4, 4, 3)),
+           (Cropping2D(1), (2, 5, 5, 2)), (SpatialDropout2D(0.5), (2, 4, 4, 3))]
+  # Classes, not names: the Keras aliases (BatchNormalization, MaxPooling2D, ...) are the same classes.
+  classes = {getattr(layers, name).__name__ for name in layers.__all__
+             if isinstance(getattr(layers, name), type)} - {"Sequential"}
+  assert {type(layer).__name__ for layer, _ in cases} == classes  # a new layer must be listed here
+  return cases
+
+
+_LAYERS = _every_layer()
+
+
+@pytest.mark.parametrize("layer, shape", _LAYERS, ids=[type(layer).__name__ for layer, _ in _LAYERS])
+def test_every_layer_takes_dtype_and_param_dtype(layer, shape):
+  assert (layer.dtype, layer.param_dtype) == (None, jnp.float32)
+  x = jnp.asarray(_x(*shape))
+  # Parameters in param_dtype, the computation (and the output) in dtype.
+  low = layer.clone(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+  variables = jax.eval_shape(low.init, KEY, x)
+  for path, leaf in jax.tree_util.tree_leaves_with_path(variables.get("params", {})):
+    assert leaf.dtype == jnp.bfloat16, path
+  out = jax.eval_shape(lambda v: low.apply(v, x), variables)
+  assert out.dtype == jnp.bfloat16
+  # dtype=None: the promoted dtype of input and parameters (a bfloat16 input with float32 parameters
+  # computes in float32; without parameters the input's dtype is kept).
+  x16 = x.astype(jnp.bfloat16)
+  variables = jax.eval_shape(layer.init, KEY, x16)
+  has_params = bool(variables.get("params"))
+  assert jax.eval_shape(lambda v: layer.apply(v, x16), variables).dtype == (
+      jnp.float32 if has_params else jnp.bfloat16)
+
+
+def test_bfloat16_compute_dtype_matches_float32_within_bfloat16_precision():
+  x = jnp.asarray(_x(2, 6, 6, 3))
+  layer = Conv2D(4, 3, padding="same", activation="relu")
+  variables = layer.init(KEY, x)
+  y32 = layer.apply(variables, x)
+  y16 = layer.clone(dtype=jnp.bfloat16).apply(variables, x)
+  assert y16.dtype == jnp.bfloat16
+  assert_close(y16, y32, dtype=jnp.bfloat16)
+
+
+def test_conv_dilation_rate_is_the_keras_name():
+  x = jnp.asarray(_x(1, 9, 9, 2))
+  layer = Conv2D(3, 3, dilation_rate=2)
+  variables, y = _init_apply(layer, x)
+  assert y.shape == (1, 5, 5, 3)  # 9 - (3 - 1) * 2
+  assert_close(y, ops.conv2d(x, variables["params"]["kernel"], variables["params"]["bias"], dilation=2))
+  with pytest.raises(ValueError, match=r"Conv1D: dilation_rate must be >= 1"):
+    Conv1D(3, 3, dilation_rate=0)
+  with pytest.raises(TypeError, match="dilation"):  # the op's name is not a layer argument
+    Conv2D(3, 3, dilation=2)

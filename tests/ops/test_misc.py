@@ -64,6 +64,32 @@ def test_dropout_same_rng_same_mask(module):
   assert_close(a, np.where(mask, np.asarray(x) * 2.0, 0.0))
 
 
+@pytest.mark.parametrize("rate", [0.1, 0.5, 0.85])
+def test_reference_dropout_derives_the_mask_itself(monkeypatch, rate):
+  # The twin reads the key's random bits and builds the mask with its own arithmetic: with
+  # jax.random.bernoulli (the fast op's mask) unavailable it still drops exactly the same cells.
+  x = _normal((3, 7, 5, 4))
+  key = jax.random.PRNGKey(21)
+  fast = np.asarray(ops.dropout(x, rate, rng=key))
+
+  def unavailable(*args, **kwargs):
+    raise AssertionError("the reference must not call jax.random.bernoulli")
+
+  monkeypatch.setattr(jax.random, "bernoulli", unavailable)
+  ref = np.asarray(reference.dropout(x, rate, rng=key))
+  np.testing.assert_array_equal(ref == 0, fast == 0)
+  assert_close(ref, fast)
+
+
+def test_reference_dropout_mask_matches_under_x64():
+  # With jax_enable_x64 the probability 1 - rate is float64: 64-bit words, 52 mantissa bits.
+  with jax.enable_x64(True):
+    x = jnp.ones((2000,), jnp.float64)
+    fast = np.asarray(ops.dropout(x, 0.3, rng=jax.random.PRNGKey(4)))
+    ref = np.asarray(reference.dropout(x, 0.3, rng=jax.random.PRNGKey(4)))
+  np.testing.assert_array_equal(ref == 0, fast == 0)
+
+
 @MODULES
 def test_dropout_accepts_typed_keys_and_runs_under_jit(module):
   x = _normal((3, 4))

@@ -225,3 +225,37 @@ def test_pool1d_and_global_pools_reject_bad_input(module):
     module.global_max_pool1d(jnp.zeros((1, 4, 4, 2)))
   with pytest.raises(ValueError, match=r"x must be a floating-point"):
     module.global_max_pool2d(jnp.zeros((1, 4, 4, 2), jnp.int32))
+
+
+@pytest.mark.parametrize("case", [CASES_2D[1], CASES_2D[4], CASES_2D[8]], ids=_case_id)
+@pytest.mark.parametrize("op", ["max_pool2d", "avg_pool2d"])
+def test_pool2d_forward_mode_and_hvp_match_reference(op, case):
+  # jvp, linearize, jacfwd and a forward-over-reverse Hessian-vector product, tie-free input, against the
+  # twin: the tiled max pool's derivative (a linear primitive routing the tangent to each tile's first
+  # maximum) agrees with autodiff of the twin's max where the maximum is unique.
+  pool, strides, padding, shape = case
+  x = _distinct((min(shape[0], 2), *shape[1:]))
+  t = jnp.asarray(np.random.default_rng(1).standard_normal(x.shape), jnp.float32)
+
+  def transforms(fn):
+    def f(x):
+      return fn(x, pool, strides=strides, padding=padding)
+
+    def program(x):
+      loss = lambda x: jnp.sum(jnp.sin(f(x)) * f(x))
+      return (jax.jvp(f, (x,), (t,)), jax.linearize(f, x)[1](t), jax.jacfwd(f)(x[:1]),
+              jax.jvp(jax.grad(loss), (x,), (t,))[1])
+    return program
+
+  fast = _compiled(transforms(getattr(ops, op)), x)
+  expected = _compiled(transforms(getattr(reference, op)), x)
+  for a, e in zip(jax.tree.leaves(fast), jax.tree.leaves(expected)):
+    assert_close(a, e, rtol=1e-4, atol=1e-4)
+
+
+# Compiling is nearly all these checks' cost; how hard XLA optimises machine code does not change them.
+_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def _compiled(fn, *args):
+  return jax.jit(fn).lower(*args).compile(_FAST_COMPILE)(*args)

@@ -202,3 +202,66 @@ def test_verify_bad_requests(conv_args):
   # Errors of the op itself propagate unchanged.
   with pytest.raises(ValueError, match="channel mismatch"):
     jaxcnn.verify("conv2d", x, w[:, :, :1])
+
+
+# -- transforms ------------------------------------------------------------------------------------------
+
+def _wrong_tangent_square():
+  """x ** 2 whose forward-mode rule is off by a factor (reverse mode of it stays right only where the
+  transpose of the JVP is used, so every derivative through it is wrong: grad, jvp, jacfwd...)."""
+  @jax.custom_jvp
+  def square(x):
+    return x * x
+
+  @square.defjvp
+  def _(primals, tangents):
+    (x,), (t,) = primals, tangents
+    return x * x, 3.0 * x * t
+
+  return square
+
+
+def test_verify_transforms_report_each_transform(monkeypatch):
+  _install(monkeypatch, "toy_square", lambda x: x * x, lambda x: x ** 2)
+  x = _normal(5, (2, 3))
+  result = jaxcnn.verify("toy_square", x, transforms=("jvp", "vmap", "export"))
+  assert result.ok, str(result)
+  assert [s.name for s in result.of("jvp")] == ["jvp: out", "jvp: tangent out"]
+  assert {s.name.split(":")[0] for s in result.transformed} == {"jvp", "vmap", "export"}
+  assert "jvp: tangent out" in str(result)
+
+
+def test_verify_transforms_detect_a_wrong_derivative(monkeypatch):
+  _install(monkeypatch, "toy_square", _wrong_tangent_square(), lambda x: x ** 2)
+  x = _normal(6, (2, 3))
+  result = jaxcnn.verify("toy_square", x, transforms=("jit", "jvp", "jacfwd", "hessian"))
+  assert not result.ok
+  assert all(s.ok for s in result.of("jit"))
+  for transform in ("jvp", "jacfwd", "hessian"):
+    assert not all(s.ok for s in result.of(transform)), transform
+  assert not result.grads[0].ok  # the plain gradient too (reverse mode transposes the JVP)
+
+
+def test_verify_transforms_report_an_op_that_cannot_be_transformed(monkeypatch):
+  # A custom_vjp op cannot be differentiated in forward mode: jvp fails with the error as its note,
+  # the other transforms are still compared.
+  @jax.custom_vjp
+  def square(x):
+    return x * x
+
+  square.defvjp(lambda x: (x * x, x), lambda x, g: (2.0 * x * g,))
+  _install(monkeypatch, "toy_square", square, lambda x: x ** 2)
+  result = jaxcnn.verify("toy_square", _normal(7, (2, 3)), transforms=("jvp", "vjp"))
+  (jvp,) = result.of("jvp")
+  assert not jvp.ok and "raised TypeError" in jvp.note and "custom_vjp" in jvp.note
+  assert result.of("vjp") and all(s.ok for s in result.of("vjp"))
+
+
+def test_verify_transforms_bad_requests(conv_args):
+  x, w, b = conv_args
+  with pytest.raises(ValueError, match=r"unknown transforms \['fwd'\]; known: jit, grad"):
+    jaxcnn.verify("conv2d", x, w, transforms=("jvp", "fwd"))
+  with pytest.raises(ValueError, match="transform 'shard_map' does not apply to dropout: every shard"):
+    jaxcnn.verify("dropout", x, 0.5, rng=jax.random.PRNGKey(0), transforms=("shard_map",))
+  with pytest.raises(ValueError, match="transforms need at least one floating array argument"):
+    jaxcnn.verify("conv2d", x, w, argnums=(), transforms=("jvp",))
