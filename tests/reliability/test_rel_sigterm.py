@@ -26,7 +26,7 @@ def digits(tmp_path_factory):
 
 def test_sigterm_checkpoints_exits_0_and_the_same_command_resumes(digits, tmp_path):
   workdir = tmp_path / "run"
-  command = ("--config.epochs=3",)
+  command = ("--config.train.epochs=3",)
   proc = mnist_cli(workdir, digits, *command, popen=True)
   lines = []
   try:
@@ -64,7 +64,7 @@ def test_sigterm_checkpoints_exits_0_and_the_same_command_resumes(digits, tmp_pa
   assert again.returncode == 0, again.stderr[-3000:]
   assert f"resuming at step {step}" in again.stdout
   summary = json.loads((workdir / "summary.json").read_text())
-  assert summary["epochs"] == 3 and summary["resumed_from_epoch"] == 1
+  assert summary["run"]["epochs"] == 3 and summary["run"]["resumed_from_epoch"] == 1
   history = json.loads((workdir / "history.json").read_text())
   assert history["epoch"] == [1, 2, 3]
   assert {k: v[:1] for k, v in history.items()} == history_before
