@@ -160,8 +160,7 @@ def main(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
   # report: test loss, PSNR of noisy and denoised images against the clean ones
   variables = _common.host_variables(result.state)
   test_loss = train.evaluate(variables, model, (noisy_test, clean_test), loss=fit_config.loss,
-                             preprocessing=result.preprocessing, batch_size=fit_config.batch_size,
-                             parallel="none")["loss"]
+                             preprocessing=result.preprocessing, batch_size=fit_config.batch_size)["loss"]
   denoised = denoise(model, variables, noisy_test, preprocessing=result.preprocessing,
                      batch_size=fit_config.batch_size)
   psnr_noisy = float(np.mean(psnr(noisy_test, clean_test)))

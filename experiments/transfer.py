@@ -221,7 +221,7 @@ def _fit(model, train, test, config, epochs: int, workdir, freeze=(), initial_pa
   result = train_lib.fit(model, train, config=fit_config, workdir=workdir, val_data=test,
                          initial_state=initial_state)
   accuracy = train_lib.evaluate(_common.host_variables(result.state), model, test,
-                                preprocessing=result.preprocessing, parallel="none")["accuracy"]
+                                preprocessing=result.preprocessing)["accuracy"]
   return result, accuracy
 
 
