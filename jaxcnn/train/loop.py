@@ -455,115 +455,39 @@ def fit(model, train_data, *, config, workdir=None, val_data=None, callbacks: Se
   run_steps = steps_per_epoch * int(config.epochs)
   workdir = pathlib.Path(workdir).absolute() if workdir is not None else None
 
-  # model -> state (the caller's never donated) -> loss -> steps
+  # model -> state (the caller's is never donated)
   state = _start_state(model, data.train, config, initial_state, run_steps)
   first_epoch, first_step = int(fetch(state.epoch)), int(fetch(state.step))
   last_epoch = first_epoch + int(config.epochs)
   state = strategy.place_state(state, copy=initial_state is not None)
+
+  # feed -> programs (compiled once: the chunk length is fixed, the number of active steps an argument)
   feed = make_feed(data.train, strategy, config.feed, chunk)
   _check_model_and_targets(model, strategy.local_state(state), _abstract_batch(feed, data.train), data.train,
                            config)
   train_step, eval_step = make_steps(model, loss=config.loss, target=config.target, axis_name=strategy.axis_name,
                                      compute_dtype=config.compute_dtype)
-  schedule = make_schedule(config, run_steps)
+  loop = _Loop(strategy, config, feed, steps_per_epoch=steps_per_epoch, first_step=first_step,
+               last_epoch=last_epoch, schedule=make_schedule(config, run_steps),
+               train_fn=_train_program(strategy, train_step, feed, chunk, int(data.train.batch_size)),
+               next_epoch_fn=_next_epoch_program(strategy),
+               evaluate_val=(_Evaluator(strategy, eval_step, data.val, config.feed, chunk)
+                             if data.val is not None else None))
 
-  # programs (compiled once: the chunk length is fixed and the number of active steps is an argument)
-  train_fn = _train_program(strategy, train_step, feed, chunk, int(data.train.batch_size))
-  evaluate_val = (_Evaluator(strategy, eval_step, data.val, config.feed, chunk) if data.val is not None
-                  else None)
-  next_epoch_fn = _next_epoch_program(strategy)
-  first_bad = strategy.place_state(jnp.zeros((), jnp.int32))
-  with_acc = _with_accuracy(config.loss)
-
-  # resume
-  checkpointer = None
-  if workdir is not None:
-    checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints, async_save=config.async_checkpointing,
-                                best_metric=config.best_metric, best_mode=best_mode(config))
-    restored = checkpointer.restore_latest(strategy.local_state(state))
-    if restored is not None:
-      state = strategy.place_state(restored) if strategy.name == "pmap" else restored
-  host_state = strategy.local_state(state)
-  start_epoch, start_step = int(fetch(host_state.epoch)), int(fetch(host_state.epoch_step))
-  global_step = resumed_at = int(fetch(host_state.step))
-  history = _load_history(workdir, start_epoch - first_epoch)
-  if start_epoch >= last_epoch:
-    _LOG.info("the run in %s is already complete (epoch %d of %d): nothing to train", workdir, start_epoch,
-              last_epoch)
-  elif global_step > first_step:
-    _LOG.info("resuming at step %d (epoch %d, batch %d)", global_step, start_epoch + 1, start_step)
-
+  # checkpoint -> resume -> epochs
+  loop.checkpointer, state = _resume(workdir, config, strategy, state)
+  resumed_at = int(fetch(strategy.local_state(state).step))
   callbacks = list(callbacks)
   if workdir is not None:
     callbacks += [callbacks_lib.JSONLogger(workdir / "history.json"),
                   callbacks_lib.CSVLogger(workdir / "metrics.csv"), callbacks_lib.TensorBoard(workdir / "tb")]
-
-  def sync(state, first_bad, epoch: int):
-    """The host sync: non-finite check; returns host metrics so far this epoch."""
-    host = strategy.local_state(state)
-    bad = int(strategy.fetch(first_bad))
-    if bad:
-      loss_sum = float(fetch(host.metric_sums["loss_sum"]))
-      kind = "inf" if math.isinf(loss_sum) else "nan"
-      last = None
-      if checkpointer is not None:
-        checkpointer.wait()  # a save still in flight is of a good state: let it commit and count
-        last = checkpointer.last_good_step
-      raise NonFiniteError(f"loss became {kind} at step {bad} (epoch {epoch + 1}); last good checkpoint: "
-                           + (f"step {last}" if last is not None else "none"))
-    return summarize(jax.tree.map(fetch, host.metric_sums), with_accuracy=with_acc)
-
-  progress = callbacks_lib.Progress(config.progress, first_step + run_steps, global_step)
-  for cb in callbacks:
-    cb.on_train_begin(history)
   try:
-    with _PreemptionFlag() as preemption:
-      for epoch in range(start_epoch, last_epoch):
-        epoch_step = start_step if epoch == start_epoch else 0
-        plan = _chunk_plan(global_step, epoch_step, steps_per_epoch, chunk, config.checkpoint_every_steps)
-        metrics = None
-        # the epoch's steps, in chunks between host syncs (the feed prepares each chunk one ahead)
-        with contextlib.closing(feed.chunks(epoch, plan)) as chunks:
-          for (_, n), xs in zip(plan, chunks):
-            state, first_bad = train_fn(state, first_bad, feed.constants, xs, strategy.scalar(np.int32(n)))
-            global_step, epoch_step = global_step + n, epoch_step + n
-            metrics = sync(state, first_bad, epoch)
-            progress.report(global_step, epoch, last_epoch, metrics)
-            at_checkpoint = (bool(config.checkpoint_every_steps)
-                             and global_step % config.checkpoint_every_steps == 0)
-            if checkpointer is not None and epoch_step < steps_per_epoch and (at_checkpoint or preemption.requested):
-              checkpointer.save(strategy.local_state(state))
-            if preemption.requested:
-              _stop_preempted(checkpointer, strategy, state)
-
-        # epoch end: metrics, validation, history, callbacks, checkpoint
-        if metrics is None:  # resumed exactly at the end of an epoch: no step ran in it here
-          metrics = sync(state, first_bad, epoch)
-        logs = {"epoch": epoch + 1, **metrics, "lr": float(schedule(max(global_step - 1 - first_step, 0)))}
-        if evaluate_val is not None:
-          logs.update(summarize(evaluate_val(state), "val_", with_acc))
-        for key, value in logs.items():
-          history.setdefault(key, []).append(value)
-        for cb in callbacks:
-          cb.on_epoch_end(epoch, logs, strategy.local_state(state))
-        state = next_epoch_fn(state)
-        if checkpointer is not None:
-          checkpointer.save(strategy.local_state(state))
-          checkpointer.save_best(strategy.local_state(state), logs)
-        if preemption.requested:
-          _stop_preempted(checkpointer, strategy, state)
-        if any(getattr(cb, "stop_training", False) for cb in callbacks):
-          _LOG.info("stopping early after epoch %d", epoch + 1)
-          break
+    state, history, global_step = loop.run(state, callbacks, workdir, first_epoch)
   except jax.errors.JaxRuntimeError as err:
     if multi:
-      raise DistributedError(f"multi-process: a collective failed at step ~{global_step} (a peer process "
+      raise DistributedError(f"multi-process: a collective failed at step ~{loop.global_step} (a peer process "
                              f"probably died): {_first_line(err)}") from err
     raise
-  finally:
-    progress.close()
-    if checkpointer is not None:
-      checkpointer.close()
 
   final = strategy.local_state(state)
   for cb in callbacks:
@@ -574,6 +498,121 @@ def fit(model, train_data, *, config, workdir=None, val_data=None, callbacks: Se
             "validation_examples": int(data.val.num_examples) if data.val is not None else 0,
             "batch_size": int(data.train.batch_size), "steps_per_epoch": steps_per_epoch}
   return FitResult(final, history, data.preprocessing, global_step - resumed_at, counts)
+
+
+def _resume(workdir, config, strategy: Strategy, state):
+  """(checkpointer or None, state): the workdir's latest good checkpoint restored into `state`'s layout."""
+  if workdir is None:
+    return None, state
+  checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints, async_save=config.async_checkpointing,
+                              best_metric=config.best_metric, best_mode=best_mode(config))
+  restored = checkpointer.restore_latest(strategy.local_state(state))
+  if restored is not None:
+    state = strategy.place_state(restored) if strategy.name == "pmap" else restored
+  return checkpointer, state
+
+
+class _Loop:
+  """The epochs of a run: chunks of steps between host syncs, then validation, history, callbacks and
+  checkpoints at each epoch's end."""
+
+  def __init__(self, strategy: Strategy, config, feed, *, steps_per_epoch: int, first_step: int, last_epoch: int,
+               schedule, train_fn, next_epoch_fn, evaluate_val):
+    self.strategy, self.config, self.feed = strategy, config, feed
+    self.steps_per_epoch, self.first_step, self.last_epoch = steps_per_epoch, first_step, last_epoch
+    self.schedule, self.train_fn, self.next_epoch_fn, self.evaluate_val = schedule, train_fn, next_epoch_fn, evaluate_val
+    self.with_acc = _with_accuracy(config.loss)
+    self.checkpointer: Checkpointer | None = None
+    self.global_step = 0
+
+  def run(self, state, callbacks, workdir, first_epoch: int):
+    """Trains from `state`'s position to the last epoch; returns (state, history, global step)."""
+    strategy, config = self.strategy, self.config
+    host = strategy.local_state(state)
+    start_epoch, start_step = int(fetch(host.epoch)), int(fetch(host.epoch_step))
+    self.global_step = int(fetch(host.step))
+    history = _load_history(workdir, start_epoch - first_epoch)
+    if start_epoch >= self.last_epoch:
+      _LOG.info("the run in %s is already complete (epoch %d of %d): nothing to train", workdir, start_epoch,
+                self.last_epoch)
+    elif self.global_step > self.first_step:
+      _LOG.info("resuming at step %d (epoch %d, batch %d)", self.global_step, start_epoch + 1, start_step)
+    first_bad = strategy.place_state(jnp.zeros((), jnp.int32))
+    total = self.first_step + self.steps_per_epoch * (self.last_epoch - first_epoch)
+    progress = callbacks_lib.Progress(config.progress, total, self.global_step)
+    for cb in callbacks:
+      cb.on_train_begin(history)
+    try:
+      with _PreemptionFlag() as preemption:
+        for epoch in range(start_epoch, self.last_epoch):
+          state, first_bad, metrics = self._epoch(state, first_bad, epoch, start_step if epoch == start_epoch else 0,
+                                                  progress, preemption)
+          state, stop = self._end_epoch(state, first_bad, epoch, metrics, history, callbacks, preemption)
+          if stop:
+            _LOG.info("stopping early after epoch %d", epoch + 1)
+            break
+    finally:
+      progress.close()
+      if self.checkpointer is not None:
+        self.checkpointer.close()
+    return state, history, self.global_step
+
+  def _epoch(self, state, first_bad, epoch: int, epoch_step: int, progress, preemption):
+    """The epoch's steps from `epoch_step`, in chunks between host syncs (the feed prepares each chunk one
+    ahead); returns (state, first_bad, the epoch's metrics so far or None when no step ran)."""
+    config, strategy, checkpointer = self.config, self.strategy, self.checkpointer
+    plan = _chunk_plan(self.global_step, epoch_step, self.steps_per_epoch, int(config.log_every),
+                       config.checkpoint_every_steps)
+    metrics = None
+    with contextlib.closing(self.feed.chunks(epoch, plan)) as chunks:
+      for (_, n), xs in zip(plan, chunks):
+        state, first_bad = self.train_fn(state, first_bad, self.feed.constants, xs, strategy.scalar(np.int32(n)))
+        self.global_step, epoch_step = self.global_step + n, epoch_step + n
+        metrics = self._sync(state, first_bad, epoch)
+        progress.report(self.global_step, epoch, self.last_epoch, metrics)
+        every = config.checkpoint_every_steps
+        at_checkpoint = bool(every) and self.global_step % every == 0
+        if checkpointer is not None and epoch_step < self.steps_per_epoch and (at_checkpoint or preemption.requested):
+          checkpointer.save(strategy.local_state(state))
+        if preemption.requested:
+          _stop_preempted(checkpointer, strategy, state)
+    return state, first_bad, metrics
+
+  def _end_epoch(self, state, first_bad, epoch: int, metrics, history: dict, callbacks, preemption):
+    """Metrics, validation, history, callbacks, the rollover and its checkpoint; returns (state, stop)."""
+    strategy, checkpointer = self.strategy, self.checkpointer
+    if metrics is None:  # resumed exactly at the end of an epoch: no step ran in it here
+      metrics = self._sync(state, first_bad, epoch)
+    lr = float(self.schedule(max(self.global_step - 1 - self.first_step, 0)))
+    logs = {"epoch": epoch + 1, **metrics, "lr": lr}
+    if self.evaluate_val is not None:
+      logs.update(summarize(self.evaluate_val(state), "val_", self.with_acc))
+    for key, value in logs.items():
+      history.setdefault(key, []).append(value)
+    for cb in callbacks:
+      cb.on_epoch_end(epoch, logs, strategy.local_state(state))
+    state = self.next_epoch_fn(state)
+    if checkpointer is not None:
+      checkpointer.save(strategy.local_state(state))
+      checkpointer.save_best(strategy.local_state(state), logs)
+    if preemption.requested:
+      _stop_preempted(checkpointer, strategy, state)
+    return state, any(getattr(cb, "stop_training", False) for cb in callbacks)
+
+  def _sync(self, state, first_bad, epoch: int) -> dict:
+    """The host sync: the non-finite check; returns host metrics of the epoch so far."""
+    host = self.strategy.local_state(state)
+    bad = int(self.strategy.fetch(first_bad))
+    if bad:
+      loss_sum = float(fetch(host.metric_sums["loss_sum"]))
+      kind = "inf" if math.isinf(loss_sum) else "nan"
+      last = None
+      if self.checkpointer is not None:
+        self.checkpointer.wait()  # a save still in flight is of a good state: let it commit and count
+        last = self.checkpointer.last_good_step
+      raise NonFiniteError(f"loss became {kind} at step {bad} (epoch {epoch + 1}); last good checkpoint: "
+                           + (f"step {last}" if last is not None else "none"))
+    return summarize(jax.tree.map(fetch, host.metric_sums), with_accuracy=self.with_acc)
 
 
 def _stop_preempted(checkpointer, strategy: Strategy, state):
