@@ -42,7 +42,7 @@ from jaxcnn.train.config import augment_config, augments, best_mode, validate_co
 from jaxcnn.train.feed import ResidentFeed, choose_feed, make_feed
 from jaxcnn.train.losses import get_loss
 from jaxcnn.train.optim import make_optimizer, make_schedule
-from jaxcnn.train.parallel import Strategy, fetch, make_strategy, maybe_initialize_distributed
+from jaxcnn.train.parallel import Strategy, device_count, fetch, make_strategy, maybe_initialize_distributed
 from jaxcnn.train.state import TrainState, create_train_state, init_variables, zero_metric_sums
 from jaxcnn.train.step import make_steps, summarize
 
@@ -508,7 +508,7 @@ def _resume(workdir, config, strategy: Strategy, state):
                               best_metric=config.best_metric, best_mode=best_mode(config))
   restored = checkpointer.restore_latest(strategy.local_state(state))
   if restored is not None:
-    state = strategy.place_state(restored) if strategy.name == "pmap" else restored
+    state = strategy.from_local(restored)
   return checkpointer, state
 
 
@@ -650,7 +650,7 @@ def evaluate(state_or_variables, model, data, *, loss: str = "softmax_cross_entr
     params, batch_stats = state_or_variables, {}
   parallel = validate_config({"parallel": parallel}).parallel
   if isinstance(data, tuple):
-    devices = 1 if parallel == "none" else (jax.local_device_count() if parallel == "pmap" else jax.device_count())
+    devices = device_count(parallel)
     batch = batch_size or max(devices, 256 // devices * devices)
     inputs, targets = _as_arrays(data, "data")
     data = _pipeline("data", inputs, targets, batch_size=int(batch), seed=0, shuffle=False,

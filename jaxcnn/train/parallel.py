@@ -161,6 +161,10 @@ class Strategy:
     """`tree` as one replica holds it (what checkpoints and callbacks see)."""
     return tree
 
+  def from_local(self, tree):
+    """The inverse of `local_state`: a tree as one replica holds it (e.g. restored) in this layout."""
+    return tree
+
   def scalar(self, value):
     """A scalar argument of a compiled program (the same on every device and process)."""
     raise NotImplementedError
@@ -263,6 +267,9 @@ class PmapStrategy(Strategy):
   def local_state(self, tree):
     return jax.tree.map(lambda x: x[0], tree)
 
+  def from_local(self, tree):
+    return self.place_state(tree)
+
   def scalar(self, value):
     return jnp.asarray(value)
 
@@ -308,6 +315,13 @@ def _put_global(x, sharding: NamedSharding) -> jax.Array:
   stops = [host.shape[0] if idx[0].stop is None else idx[0].stop for idx in index_map.values()]
   local = host[min(starts):max(stops)]
   return jax.make_array_from_process_local_data(sharding, local, host.shape)
+
+
+def device_count(parallel: str) -> int:
+  """How many devices a batch is split over under config.parallel (what batch sizes must divide)."""
+  if parallel == "none":
+    return 1
+  return jax.local_device_count() if parallel == "pmap" else jax.device_count()
 
 
 def make_strategy(parallel: str, batch_size: int) -> Strategy:
