@@ -68,9 +68,9 @@ CASES = (
     Case("conv_mnist2", "conv2d", ((1, 13, 13, 32), (3, 3, 32, 64), (64,)), {},
          lambda F, x, w, b: F.conv2d(x, w, b), "mnist_convnet conv 2: 13x13x32 -> 11x11x64, 3x3 valid"),
     Case("conv_cifar_same", "conv2d", ((1, 32, 32, 32), (3, 3, 32, 32), (32,)), {"padding": "same"},
-         lambda F, x, w, b: F.conv2d(x, w, b, padding=1), "cifar10_cnn conv 2: 32x32x32 -> 32, 3x3 same"),
+         lambda F, x, w, b: F.conv2d(x, w, b, padding=1), "cifar10_cnn_same conv 2: 32x32x32 -> 32, 3x3 same"),
     Case("conv_cifar_rgb", "conv2d", ((1, 32, 32, 3), (3, 3, 3, 32), (32,)), {"padding": "same"},
-         lambda F, x, w, b: F.conv2d(x, w, b, padding=1), "cifar10_cnn conv 1: 32x32x3 -> 32, 3x3 same"),
+         lambda F, x, w, b: F.conv2d(x, w, b, padding=1), "cifar10_cnn_same conv 1: 32x32x3 -> 32, 3x3 same"),
     Case("conv_stride2", "conv2d", ((1, 16, 16, 64), (3, 3, 64, 128), (128,)), {"strides": 2, "padding": 1},
          lambda F, x, w, b: F.conv2d(x, w, b, stride=2, padding=1), "ResNet-style downsampling: 16x16x64 -> "
          "8x8x128, 3x3 stride 2 pad 1"),
@@ -85,6 +85,27 @@ CASES = (
     Case("batch_norm", "batch_norm", ((1, 24, 24, 32), (32,), (32,)), {"momentum": 0.9, "epsilon": 1e-3},
          lambda F, x, s, b: F.batch_norm(x, None, None, s, b, training=True, eps=1e-3),
          "mnist_bn_cnn BN 1, train mode: 24x24x32"),
+    # The kernels arrive in torch's ConvTranspose layout (C, O, kh, kw) by the HWIO -> OIHW transpose.
+    Case("conv_transpose_ae1", "conv2d_transpose", ((1, 7, 7, 32), (3, 3, 32, 32), (32,)),
+         {"strides": 2, "padding": 1, "output_padding": 1},
+         lambda F, x, w, b: F.conv_transpose2d(x, w, b, stride=2, padding=1, output_padding=1),
+         "conv_transpose_autoencoder decoder 1: 7x7x32 -> 14x14x32, 3x3 stride 2"),
+    Case("conv_transpose_ae2", "conv2d_transpose", ((1, 14, 14, 32), (3, 3, 32, 32), (32,)),
+         {"strides": 2, "padding": 1, "output_padding": 1},
+         lambda F, x, w, b: F.conv_transpose2d(x, w, b, stride=2, padding=1, output_padding=1),
+         "conv_transpose_autoencoder decoder 2: 14x14x32 -> 28x28x32, 3x3 stride 2"),
+    # Depthwise kernels (kh, kw, C, 1) arrive as (1, C, kh, kw); torch's groups=C weight is (C, 1, kh, kw).
+    Case("depthwise_same", "depthwise_conv2d", ((1, 32, 32, 32), (3, 3, 32, 1), (32,)), {"padding": "same"},
+         lambda F, x, w, b: F.conv2d(x, w.transpose(0, 1), b, padding=1, groups=x.shape[1]),
+         "mobilenet_cifar depthwise 1: 32x32x32, 3x3 same"),
+    Case("depthwise_stride2", "depthwise_conv2d", ((1, 16, 16, 128), (3, 3, 128, 1), (128,)),
+         {"strides": 2, "padding": 1},
+         lambda F, x, w, b: F.conv2d(x, w.transpose(0, 1), b, stride=2, padding=1, groups=x.shape[1]),
+         "mobilenet_cifar depthwise 4: 16x16x128 -> 8x8, 3x3 stride 2 pad 1"),
+    Case("group_norm", "group_norm", ((1, 24, 24, 32), (32,), (32,)), {"groups": 8, "epsilon": 1e-3},
+         lambda F, x, s, b: F.group_norm(x, 8, s, b, eps=1e-3), "8 groups over 24x24x32"),
+    Case("layer_norm", "layer_norm", ((1, 256, 64), (64,), (64,)), {"epsilon": 1e-3},
+         lambda F, x, s, b: F.layer_norm(x, (64,), s, b, eps=1e-3), "256 positions x 64 features"),
 )
 
 

@@ -1,6 +1,6 @@
 """Training-step throughput: jaxcnn vs PyTorch (CPU) vs plain Flax linen, interleaved in one run.
 
-    python -m benchmarks.train_step [--models mnist_convnet,cifar10_cnn,mnist_bn_cnn] [--batch 128]
+    python -m benchmarks.train_step [--models mnist_convnet,cifar10_cnn_same,mnist_bn_cnn] [--batch 128]
                                     [--steps 20] [--repeats 7] [--out PATH]
 
 For each model, every contender trains the same architecture from identical initial weights (copied
@@ -42,7 +42,7 @@ from jaxcnn.train import create_train_state, make_steps, make_strategy
 from jaxcnn.train import loop as train_loop
 from jaxcnn.train.feed import HostFeed, ResidentFeed
 
-DEFAULT_MODELS = ("mnist_convnet", "cifar10_cnn", "mnist_bn_cnn")
+DEFAULT_MODELS = ("mnist_convnet", "cifar10_cnn_same", "mnist_bn_cnn")
 LEARNING_RATE = 1e-3
 
 

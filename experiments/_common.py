@@ -83,11 +83,11 @@ class CompileTimer:
     return total
 
 
-def _epoch_reporter():
-  """A fit callback printing one line per epoch (the epoch's metrics and its seconds)."""
+def _epoch_timer():
+  """A fit callback recording each epoch's seconds (fit's progress prints the epoch's line)."""
   from jaxcnn.train import Callback
 
-  class EpochReport(Callback):
+  class EpochTimer(Callback):
     def __init__(self):
       self.last = time.perf_counter()
       self.seconds: list[float] = []
@@ -96,12 +96,8 @@ def _epoch_reporter():
       now = time.perf_counter()
       self.seconds.append(now - self.last)
       self.last = now
-      train = " ".join(f"{k} {logs[k]:.4f}" for k in ("loss", "accuracy") if k in logs)
-      val = " ".join(f"{k} {logs[k]:.4f}" for k in ("val_loss", "val_accuracy") if k in logs)
-      print(f"epoch {logs['epoch']}: {train}" + (f" | {val}" if val else "") + f" | lr {logs['lr']:.2e} "
-            f"| {self.seconds[-1]:.1f} s", flush=True)
 
-  return EpochReport()
+  return EpochTimer()
 
 
 def _epochs_done(workdir: pathlib.Path) -> int:
@@ -120,7 +116,7 @@ def previous_summary(workdir) -> dict:
 
 
 def fit(model, train_data, *, config, workdir, val_data=None, initial_state=None):
-  """`jaxcnn.train.fit` with one line per epoch, timed; returns (result, run, timing) for the summary.
+  """`jaxcnn.train.fit`, timed; returns (result, run, timing) for the summary.
 
   run: {"epochs", "trained_epochs_this_run", "resumed_from_epoch", "reevaluated"}. timing:
   {"train_seconds", "compile_seconds", "images_per_second", "epoch_seconds"}; images per second count
@@ -131,7 +127,7 @@ def fit(model, train_data, *, config, workdir, val_data=None, initial_state=None
   from jaxcnn import train
 
   done_before = _epochs_done(workdir)
-  reporter = _epoch_reporter()
+  reporter = _epoch_timer()
   started = time.perf_counter()
   with CompileTimer() as compile_timer:
     result = train.fit(model, train_data, config=config, workdir=workdir, val_data=val_data,

@@ -1,23 +1,31 @@
-"""The project's own tfds builder: raw files (IDX or CIFAR-10 binary) -> a prepared array_record dataset.
+"""The project's own tfds builder: raw files (IDX or CIFAR binary) -> a prepared array_record dataset.
 
 tfds' catalog builders check the SHA-256 of the *compressed* downloads, which re-packaged copies fail;
-this builder reads raw files that `jaxcnn.data.idx` has validated by content instead. Features are
-`tfds.features.Tensor`s and the file format is array_record, so preparing and reading need no
-TensorFlow. One builder config per (dataset, raw content digest): a changed raw directory gets a new
-config, hence a fresh preparation, rather than silently reusing stale data. tfds writes into a temporary
-directory and renames it when done, so a half-prepared dataset is never taken as prepared.
+this builder reads raw files that the dataset's format (`jaxcnn.data.idx`) has validated by content
+instead. Features are `tfds.features.Tensor`s and the file format is array_record, so preparing and
+reading need no TensorFlow. One builder config per (dataset, raw content digest): a changed raw
+directory gets a new config, hence a fresh preparation, rather than silently reusing stale data. tfds
+writes into a temporary directory and renames it when done, so a half-prepared dataset is never taken as
+prepared. Preparing local files downloads nothing, so tfds' "Downloading and preparing dataset" lines
+are left out (the data layer logs one line saying what it prepares from where), and tfds' progress bars
+are shown only on a terminal (`progress_bars`).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
+import io
 import logging
+import os
 import pathlib
+import sys
 
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from jaxcnn.data import idx
+from jaxcnn.data import idx, specs
 
 SPLITS = ("train", "test")
 _DIGEST_CHARS = 16
@@ -28,8 +36,8 @@ class RawConfig(tfds.core.BuilderConfig):
   """A builder config for one raw dataset directory.
 
   Attributes:
-    dataset: the dataset's name ("mnist", "fashion_mnist", "cifar10", or another IDX dataset's name).
-    kind: "idx" or "cifar10_bin".
+    dataset: the dataset's name (a registered spec's, or another IDX dataset's: `specs.spec_for`).
+    kind: the name of the spec's raw format ("idx" or "cifar_binary", `idx.FORMATS`).
     raw_dir: the directory holding the raw files.
     image_shape: (H, W, C) of the images.
     class_names: the class names, in label order.
@@ -53,14 +61,14 @@ def make_config(dataset: str, kind: str, raw_dir: pathlib.Path, files, image_sha
 
 
 class JaxcnnRaw(tfds.core.GeneratorBasedBuilder):
-  """Raw MNIST-family IDX files or CIFAR-10 binary batches as a tfds dataset (array_record)."""
+  """A dataset's validated raw files (IDX, CIFAR binary) as a tfds dataset (array_record)."""
 
   VERSION = tfds.core.Version("1.1.0")
   # tfds locates a builder's source through importlib_resources, which is not installed everywhere;
   # this builder's code path is simply this file (it ships no checksums file: nothing is downloaded).
   code_path = epath.Path(__file__)
   RELEASE_NOTES = {
-      "1.0.0": "Raw IDX / CIFAR-10 binary files validated by decompressed content.",
+      "1.0.0": "Raw IDX / CIFAR binary files validated by decompressed content.",
       "1.1.0": "Images stored as raw bytes.",
   }
 
@@ -80,6 +88,17 @@ class JaxcnnRaw(tfds.core.GeneratorBasedBuilder):
         metadata=tfds.core.MetadataDict(class_names=list(config.class_names), raw_dir=config.raw_dir),
     )
 
+  def is_prepared(self) -> bool:
+    """Whether the dataset is prepared, without tfds' warning that a folder not prepared yet "has no
+    dataset_info.json" (the data layer asks before every preparation)."""
+    return is_prepared(self)
+
+  def _log_download_bytes(self) -> None:
+    """Nothing is downloaded: `jaxcnn.data.resolve` logs what it prepares from where instead."""
+
+  def _log_download_done(self) -> None:
+    """See `_log_download_bytes`."""
+
   def _split_generators(self, dl_manager):
     del dl_manager  # the raw files are local; nothing is downloaded
     return {split: self._generate_examples(split) for split in SPLITS}
@@ -92,25 +111,57 @@ class JaxcnnRaw(tfds.core.GeneratorBasedBuilder):
 
 def read_raw_split(config: RawConfig, split: str) -> tuple[np.ndarray, np.ndarray]:
   """(images uint8 (N, H, W, C), labels int32 (N,)) of one split straight from the validated raw files."""
-  raw_dir = pathlib.Path(config.raw_dir)
-  if config.kind == "idx":
-    files = idx.find_idx_files(raw_dir)
-    if files is None:
-      raise FileNotFoundError(f"{raw_dir}: IDX files missing: {', '.join(idx.missing_idx_files(raw_dir))}")
-    return idx.read_idx_split(files, split, config.dataset)
-  if config.kind == "cifar10_bin":
-    return idx.read_cifar10_split(raw_dir, split)
-  raise ValueError(f"kind: unknown raw kind {config.kind!r}")
+  if config.kind not in idx.FORMATS:
+    raise ValueError(f"kind: unknown raw format {config.kind!r} (known: {sorted(idx.FORMATS)})")
+  return idx.FORMATS[config.kind].read_split(specs.spec_for(config.dataset), pathlib.Path(config.raw_dir), split)
+
+
+def is_prepared(builder) -> bool:
+  """tfds' test of a prepared dataset (its dataset_info.json and features.json), without its warning."""
+  return all((builder.data_path / name).is_file() for name in ("dataset_info.json", "features.json"))
+
+
+@contextlib.contextmanager
+def progress_bars(enabled: bool | None = None):
+  """tfds' progress bars on (True) or off (False) inside the block, restored after it; default on only
+  when stderr (where tqdm draws) is a terminal, so logs and pipes get no bar redraws or escape codes."""
+  from tensorflow_datasets.core.utils import tqdm_utils  # noqa: PLC0415
+
+  if enabled is None:
+    enabled = _is_terminal(sys.stderr)
+  before = getattr(tqdm_utils, "_active", True)
+  tfds.display_progress_bar(enabled)
+  try:
+    yield
+  finally:
+    tfds.display_progress_bar(before)
+
+
+def _is_terminal(stream) -> bool:
+  try:
+    return bool(stream.isatty())
+  except (AttributeError, ValueError):  # replaced or closed streams
+    return False
+
+
+# Set while this builder is made or prepares a dataset (see _OwnConfigNotice).
+_OWN_WORK = contextvars.ContextVar("jaxcnn_raw_own_work", default=False)
 
 
 class _OwnConfigNotice(logging.Filter):
-  """Drops tfds' "Using custom data configuration" warning for this builder's own configs.
+  """Drops tfds' notices about this builder's own work.
 
   Every RawConfig is made at run time (one per raw content digest), so tfds would print the whole config
-  as a warning on every load; the data layer logs which source it resolved instead.
+  as a "Using custom data configuration" warning on every load; and while this builder is made or
+  prepares local files, tfds' INFO lines ("Load dataset info", "Generating dataset", "Done writing" each
+  shard) are its internals. The data
+  layer logs which source it resolved and what it prepared instead. Warnings and errors always pass.
   """
 
   def filter(self, record: logging.LogRecord) -> bool:
+    if (_OWN_WORK.get() and record.levelno < logging.WARNING
+        and f"{os.sep}tensorflow_datasets{os.sep}" in record.pathname):
+      return False
     return not (str(record.msg).startswith("Using custom data configuration")
                 and record.args and isinstance(record.args[0], RawConfig))
 
@@ -123,30 +174,43 @@ def make_builder(config: RawConfig, data_dir) -> JaxcnnRaw:
   absl_logger = logging.getLogger("absl")
   if _NOTICE_FILTER not in absl_logger.filters:
     absl_logger.addFilter(_NOTICE_FILTER)
-  return JaxcnnRaw(config=config, data_dir=None if data_dir is None else str(data_dir))
+  token = _OWN_WORK.set(True)
+  try:
+    return JaxcnnRaw(config=config, data_dir=None if data_dir is None else str(data_dir))
+  finally:
+    _OWN_WORK.reset(token)
 
 
 def prepare(builder: JaxcnnRaw) -> bool:
   """Prepares the dataset unless already prepared; True when it was prepared now."""
   if builder.is_prepared():
     return False
-  builder.download_and_prepare(file_format="array_record",
-                               download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  token = _OWN_WORK.set(True)
+  try:
+    with progress_bars():
+      builder.download_and_prepare(file_format="array_record",
+                                   download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  finally:
+    _OWN_WORK.reset(token)
   return True
 
 
 def read_split(builder, split: str, *, chunk: int = 8192) -> tuple[np.ndarray, np.ndarray]:
   """Reads a prepared array_record split as numpy (no TensorFlow): (images uint8 NHWC, labels int32).
 
-  The records are the tf.train.Example protos tfds wrote for this builder's two Tensor features; they are
-  parsed here directly (image bytes -> uint8 array), several times faster than tfds' generic per-example
-  decoding, and each record's size is checked against the feature's shape.
+  The records are the tf.train.Example protos tfds wrote; they are parsed here directly, several times
+  faster than tfds' generic per-example decoding. This builder's images are raw bytes (each record's size
+  is checked against the feature's shape); a catalog builder's are PNG/JPEG files, decoded with PIL.
   """
   from tensorflow_datasets.proto import tf_example_pb2  # noqa: PLC0415  (tfds' own copy; no TensorFlow)
 
   source = builder.as_data_source(split=split)
   count = len(source)
-  shape = tuple(builder.info.features["image"].shape)
+  feature = builder.info.features["image"]
+  shape = tuple(feature.shape)
+  encoded = isinstance(feature, tfds.features.Image)
+  if encoded and None in shape:
+    raise ValueError(f"{builder.data_dir}: images of varying size {shape} cannot be read as one array")
   size = int(np.prod(shape))
   images = np.empty((count, size), np.uint8)
   labels = np.empty((count,), np.int32)
@@ -155,11 +219,24 @@ def read_split(builder, split: str, *, chunk: int = 8192) -> tuple[np.ndarray, n
     stop = min(start + chunk, count)
     records = source.data_source.__getitems__(list(range(start, stop)))
     for offset, record in enumerate(records):
-      feature = parse(record).features.feature
-      pixels = feature["image"].bytes_list.value[0]
-      if len(pixels) != size:
+      features = parse(record).features.feature
+      pixels = features["image"].bytes_list.value[0]
+      if encoded:
+        pixels = _decode_image(pixels, shape, f"{builder.data_dir}: record {start + offset} of split {split!r}")
+      elif len(pixels) != size:
         raise ValueError(f"{builder.data_dir}: record {start + offset} of split {split!r} holds "
                          f"{len(pixels)} image bytes, expected {size} for shape {shape}")
       images[start + offset] = np.frombuffer(pixels, np.uint8)
-      labels[start + offset] = feature["label"].int64_list.value[0]
+      labels[start + offset] = features["label"].int64_list.value[0]
   return images.reshape(count, *shape), labels
+
+
+def _decode_image(content: bytes, shape: tuple, where: str) -> bytes:
+  """The pixels of an encoded image as bytes of `shape` (H, W, C)."""
+  from PIL import Image  # noqa: PLC0415
+
+  with Image.open(io.BytesIO(content)) as image:
+    array = np.asarray(image, np.uint8)
+  if array.size != int(np.prod(shape)):
+    raise ValueError(f"{where}: a {'x'.join(map(str, array.shape))} image, expected {shape}")
+  return array.tobytes()

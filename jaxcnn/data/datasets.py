@@ -1,34 +1,40 @@
 """Dataset resolution (offline first) and the `load_arrays` / `make_pipeline` entry points.
 
-A named dataset is resolved in this order; the first that works wins and the choice is logged:
+What is known about a dataset by name is its spec (`jaxcnn.data.specs`): files, format, shapes, classes,
+folders, tfds catalog name. A named dataset is resolved in this order; the first that works wins and the
+choice is logged:
   (a) an explicit raw-files directory: `data_dir`, else env JAXCNN_DATA_DIR (the dataset's folder itself,
-      or a parent holding `mnist/`, `fashion_mnist/` or `fashion-mnist/`, `cifar10/`);
-  (b) well-known system locations (/usr/share/datasets/<name>, where Debian installs
+      or a parent holding one of the spec's folders: `mnist/`, `fashion_mnist/` or `fashion-mnist/`,
+      `cifar10/`, ...);
+  (b) well-known system locations (/usr/share/datasets/<folder>, where Debian installs
       `dataset-fashion-mnist`);
   (c) the dataset already prepared in the tfds data dir (`tfds_data_dir`, env JAXCNN_TFDS_DIR, or tfds'
       default);
-  (d) the tfds catalog download (when `download` is True).
+  (d) the tfds catalog download (when `download` is True and the spec names a catalog dataset).
 Raw files become the project's own tfds dataset (`jaxcnn.data.builder`), prepared once and reused. Raw
 files that are present but invalid raise a DataError naming the file rather than falling through, so a
 damaged copy is never silently replaced by another source. When nothing resolves, one DataError says
-where each step looked and which files to put where; nothing is written in that case.
+where each step looked (a failed or impossible download included: network unreachable, a module the
+catalog needs missing) and which files to put where; nothing is written in that case.
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
 import math
 import os
 import pathlib
 import shutil
-import sys
+import socket
+import urllib.parse
 from typing import Mapping
 
 import numpy as np
 
 from jaxcnn.data import augment as _augment
-from jaxcnn.data import idx
 from jaxcnn.data import pipeline as _pipeline
+from jaxcnn.data import specs as _specs
 from jaxcnn.errors import DataError
 
 logger = logging.getLogger("jaxcnn.data")
@@ -36,11 +42,16 @@ logger = logging.getLogger("jaxcnn.data")
 SYSTEM_DIRS = (pathlib.Path("/usr/share/datasets"),)
 DATA_DIR_ENV = "JAXCNN_DATA_DIR"
 TFDS_DIR_ENV = "JAXCNN_TFDS_DIR"
-CATALOG = ("mnist", "fashion_mnist", "cifar10")
 SPLITS = ("train", "validation", "test")
+# Modules tfds' catalog builders need to prepare an image dataset, and the package that installs each:
+# tfds imports importlib_resources for every catalog builder (it declares it for Python < 3.9 only), and
+# encodes the images (and reads the CIFAR files) with TensorFlow.
+CATALOG_MODULES = {"importlib_resources": "importlib_resources", "tensorflow": "tensorflow-cpu"}
+# Seconds to wait for a catalog download host to answer before calling the network unreachable (tfds
+# itself retries a refused connection for minutes).
+PROBE_TIMEOUT = 5.0
 # The validation slice is fixed by this seed, not the run's, so it never overlaps training data across runs.
 _VALIDATION_SEED = 0
-_CIFAR10_FOLDERS = ("cifar10", "cifar-10", "cifar-10-batches-bin")
 
 
 @dataclasses.dataclass
@@ -54,6 +65,7 @@ class Resolved:
     path: the raw directory, image folder, or prepared tfds directory.
     builder: the tfds builder to read from (None for image folders).
     prepared_now: True when this call prepared the tfds dataset.
+    spec: the dataset's `DatasetSpec` (None for image folders).
   """
 
   name: str
@@ -61,6 +73,7 @@ class Resolved:
   path: pathlib.Path
   builder: object = None
   prepared_now: bool = False
+  spec: _specs.DatasetSpec | None = None
 
   def read(self, split: str) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 (N, H, W, C), labels int32 (N,)) of a stored split ("train" or "test")."""
@@ -75,20 +88,13 @@ class Resolved:
 
 
 def canonical_name(name: str) -> str:
-  """"fashion-mnist" -> "fashion_mnist"; other names unchanged (lower-cased)."""
-  return name.strip().lower().replace("-", "_")
+  """A registered dataset's canonical name for any of its spellings ("fashion-mnist" -> "fashion_mnist");
+  other names lower-cased with "-" read as "_"."""
+  return _specs.spec_for(name).name
 
 
 def _is_folder_name(name: str) -> bool:
-  return os.sep in name or name.startswith(".") or (canonical_name(name) not in CATALOG and pathlib.Path(name).is_dir())
-
-
-def _folder_names(name: str) -> tuple[str, ...]:
-  if name in idx.KNOWN_IDX:
-    return idx.KNOWN_IDX[name].folder_names
-  if name == "cifar10":
-    return _CIFAR10_FOLDERS
-  return tuple(dict.fromkeys((name, name.replace("_", "-"))))
+  return os.sep in name or name.startswith(".") or (_specs.get(name) is None and pathlib.Path(name).is_dir())
 
 
 def _tfds_dir(tfds_data_dir) -> str | None:
@@ -96,86 +102,42 @@ def _tfds_dir(tfds_data_dir) -> str | None:
   return str(value) if value else None
 
 
-def _expected_files(name: str) -> str:
-  if name == "cifar10":
-    return "data_batch_1.bin ... data_batch_5.bin and test_batch.bin (CIFAR-10 binary version)"
-  return ", ".join(f"{n}.gz" for names in idx.IDX_FILES.values() for n in names)
+def _explicit_dir(data_dir):
+  return data_dir if data_dir is not None else os.environ.get(DATA_DIR_ENV)
 
 
-def _raw_candidates(name: str, data_dir) -> list[tuple[str, pathlib.Path]]:
+def _raw_candidates(spec: _specs.DatasetSpec, data_dir) -> list[tuple[str, pathlib.Path]]:
   """(source, directory) pairs to look in, in order: the explicit dir (itself, then subfolders), system dirs."""
-  explicit = data_dir if data_dir is not None else os.environ.get(DATA_DIR_ENV)
+  explicit = _explicit_dir(data_dir)
   candidates = []
   if explicit:
     base = pathlib.Path(explicit).expanduser().absolute()
     candidates.append(("raw", base))
-    candidates += [("raw", base / folder) for folder in _folder_names(name)]
+    candidates += [("raw", base / folder) for folder in spec.folders]
   for system in SYSTEM_DIRS:
-    candidates += [("system", system / folder) for folder in _folder_names(name)]
+    candidates += [("system", system / folder) for folder in spec.folders]
   return candidates
 
 
-def _find_raw(name: str, directory: pathlib.Path):
-  """(kind, raw dir, files) when `directory` holds the dataset's raw files, else (None, reason)."""
-  if not directory.is_dir():
-    return None, "absent"
-  if name == "cifar10":
-    found = idx.find_cifar10_bin(directory)
-    if found is None:
-      return None, "no CIFAR-10 binary batches"
-    files = [found / n for names in idx.CIFAR10_BIN_FILES.values() for n in names]
-    return ("cifar10_bin", found, files), None
-  files = idx.find_idx_files(directory)
-  if files is None:
-    missing = idx.missing_idx_files(directory)
-    if len(missing) == 4:
-      return None, "no IDX files"
-    return None, f"missing {', '.join(missing)}"
-  return ("idx", directory, list(files.values())), None
-
-
-def _raw_layout(name: str, kind: str, files) -> tuple[tuple, tuple]:
-  """(image_shape, class_names) of a raw dataset, from the IDX header alone (cheap)."""
-  if kind == "cifar10_bin":
-    return (32, 32, 3), idx.CIFAR10_CLASSES
-  images_file = next(f for f in files if f.name.startswith("train-images"))
-  known = idx.KNOWN_IDX.get(name)
-  class_names = known.class_names if known else tuple(str(i) for i in range(10))
-  return (*idx.read_image_hw(images_file), 1), class_names
-
-
-def _validate_raw(name: str, kind: str, raw_dir: pathlib.Path, files):
-  """Reads both splits fully, raising the DataError that names a bad file before anything is written."""
-  by_name = {(f.name[:-3] if f.suffix == ".gz" else f.name): f for f in files}
-  shapes = {}
-  for split in ("train", "test"):
-    if kind == "cifar10_bin":
-      idx.read_cifar10_split(raw_dir, split)
-    else:
-      shapes[split] = idx.read_idx_split(by_name, split, name)[0].shape[1:]
-  if kind != "cifar10_bin" and shapes["train"] != shapes["test"]:
-    # One prepared dataset holds one image shape; a test file of another size is the wrong file.
-    test_file, train_file = by_name[idx.IDX_FILES["test"][0]], by_name[idx.IDX_FILES["train"][0]]
-    raise DataError(f"{test_file}: images are {shapes['test'][0]}x{shapes['test'][1]} but {train_file.name} "
-                    f"holds {shapes['train'][0]}x{shapes['train'][1]} images")
-
-
-def _prepare_raw(name: str, kind: str, raw_dir: pathlib.Path, files, tfds_dir):
+def _prepare_raw(spec: _specs.DatasetSpec, raw_dir: pathlib.Path, files, tfds_dir):
   """(builder, prepared_now): the content-named builder, prepared from the validated files if needed."""
   from jaxcnn.data import builder as _builder  # tfds is imported only when a dataset is resolved
 
-  shape, class_names = _raw_layout(name, kind, files)
-  builder = _builder.make_builder(_builder.make_config(name, kind, raw_dir, files, shape, class_names),
-                                  tfds_dir)
+  shape = spec.format.image_shape(spec, files)
+  config = _builder.make_config(spec.name, spec.format.name, raw_dir, files, shape, spec.class_names)
+  builder = _builder.make_builder(config, tfds_dir)
   # The config is named by content digest: a prepared dataset of identical content needs no re-validation.
   if builder.is_prepared():
     return builder, False
-  _validate_raw(name, kind, raw_dir, files)
+  # Reads both splits fully, raising the DataError that names a bad file before anything is written.
+  spec.format.validate(spec, raw_dir)
+  logger.info("%s: preparing from %s (%s) into %s", spec.name, raw_dir, spec.format.description,
+              builder.data_dir)
   return builder, _builder.prepare(builder)
 
 
 def _hide_accelerators_from_tf():
-  """Keeps TensorFlow (needed by some catalog builders) off GPUs/TPUs, which JAX owns."""
+  """Keeps TensorFlow (needed by the catalog builders) off GPUs/TPUs, which JAX owns."""
   try:
     import tensorflow as tf  # noqa: PLC0415  (only on the catalog path)
   except ImportError:
@@ -187,47 +149,100 @@ def _hide_accelerators_from_tf():
       pass
 
 
-def _catalog(name: str, tfds_dir, download: bool, looked: list) -> Resolved | None:
+def _missing_catalog_modules() -> list[str]:
+  """The packages to install for the tfds catalog to prepare a dataset, of those in CATALOG_MODULES."""
+  return [package for module, package in CATALOG_MODULES.items() if importlib.util.find_spec(module) is None]
+
+
+def _unreachable(urls) -> str | None:
+  """"<host>:<port> (<reason>)" of the first download host (or its proxy) that does not accept a
+  connection within PROBE_TIMEOUT seconds, else None."""
+  import requests  # noqa: PLC0415  (what tfds downloads with; its proxy settings are the ones that apply)
+
+  probed = set()
+  for url in urls:
+    proxy = requests.utils.select_proxy(url, requests.utils.get_environ_proxies(url))
+    target = urllib.parse.urlsplit(proxy if proxy else url)
+    if not target.hostname:
+      continue
+    address = (target.hostname, target.port or (443 if target.scheme == "https" else 80))
+    if address in probed:
+      continue
+    probed.add(address)
+    try:
+      socket.create_connection(address, timeout=PROBE_TIMEOUT).close()
+    except OSError as err:
+      reason = err.strerror or str(err) or type(err).__name__
+      return f"{address[0]}:{address[1]}{' (a proxy)' if proxy else ''} ({reason})"
+  return None
+
+
+def _downloads_with_tfds(builder) -> bool:
+  """Whether `builder.download_and_prepare` is tfds' own, which imports CATALOG_MODULES and fetches the
+  builder's URLs; a replaced one (tfds.testing.mock_data's no-op, a stand-in) may need neither."""
+  method = getattr(type(builder), "download_and_prepare", None)
+  return getattr(method, "__module__", None) == "tensorflow_datasets.core.dataset_builder"
+
+
+def _catalog(spec: _specs.DatasetSpec, tfds_dir, download: bool, looked: list) -> Resolved | None:
   import tensorflow_datasets as tfds  # noqa: PLC0415
+
+  from jaxcnn.data import builder as _builder  # noqa: PLC0415
 
   shown_dir = tfds_dir or "tfds' default data dir"
   try:
-    builder = tfds.builder(name, data_dir=tfds_dir)
+    builder = tfds.builder(spec.catalog, data_dir=tfds_dir)
   except Exception as err:  # unknown to the catalog, or its code failed to load
     looked.append(f"tfds catalog: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
     return None
-  if builder.is_prepared():
-    return Resolved(name, "tfds", pathlib.Path(str(builder.data_dir)), builder)
+  if _builder.is_prepared(builder):
+    return Resolved(spec.name, "tfds", pathlib.Path(str(builder.data_dir)), builder, spec=spec)
   looked.append(f"tfds data dir {shown_dir}: not prepared")
   if not download:
     looked.append("tfds download: disabled (download=False)")
     return None
+  if _downloads_with_tfds(builder):  # checked before tfds' own download code, which needs and does both
+    missing = _missing_catalog_modules()
+    if missing:
+      looked.append(f"tfds download: not possible, the catalog's {spec.catalog} needs {', '.join(missing)} "
+                    f"(pip install {' '.join(missing)})")
+      return None
+    unreachable = _unreachable(builder.url_infos or {})
+    if unreachable:
+      looked.append(f"tfds download: failed (cannot reach {unreachable}: network unreachable or blocked)")
+      return None
   root = pathlib.Path(str(builder.data_dir_root))
   created = [p for p in (root / builder.name, root / "downloads") if not p.exists()]
   _hide_accelerators_from_tf()
+  logger.info("%s: downloading and preparing the tfds catalog's %s into %s", spec.name, spec.catalog,
+              builder.data_dir)
   try:
-    builder.download_and_prepare(file_format="array_record")
+    with _builder.progress_bars():
+      # A prepared array_record dataset is read without TensorFlow; GCS holds tfrecord copies only.
+      builder.download_and_prepare(file_format="array_record",
+                                   download_config=tfds.download.DownloadConfig(try_download_gcs=False))
   except Exception as err:  # offline, blocked, or a failed checksum: reported, and its leftovers removed
     for path in created:
       shutil.rmtree(path, ignore_errors=True)
     message = str(err).splitlines()[0] if str(err) else ""
     looked.append(f"tfds download: failed ({type(err).__name__}: {message[:200]})")
     return None
-  return Resolved(name, "download", pathlib.Path(str(builder.data_dir)), builder, prepared_now=True)
+  return Resolved(spec.name, "download", pathlib.Path(str(builder.data_dir)), builder, prepared_now=True,
+                  spec=spec)
 
 
 def resolve(name: str, *, data_dir=None, tfds_data_dir=None, download: bool = True) -> Resolved:
   """Finds a dataset: raw dir, then system dirs, then the prepared tfds dir, then a tfds download.
 
   Args:
-    name: "mnist", "fashion_mnist" (or "fashion-mnist"), "cifar10", another IDX dataset's name (raw
-      dirs only), or an image folder's path.
+    name: a registered dataset's name or alias ("mnist", "fashion_mnist" or "fashion-mnist", "cifar10":
+      `jaxcnn.data.specs.names()`), another IDX dataset's name (raw dirs only), or an image folder's path.
     data_dir: raw-files directory (the dataset's folder or a parent of it); default env JAXCNN_DATA_DIR.
     tfds_data_dir: where tfds datasets are prepared; default env JAXCNN_TFDS_DIR, else tfds' default.
     download: allow step (d), the tfds catalog download. Default True.
 
   Returns:
-    A Resolved (source, path, builder, ...).
+    A Resolved (source, path, builder, spec, ...).
 
   Raises:
     DataError: raw files present but invalid (names the file), or nothing resolved (says where it
@@ -242,37 +257,37 @@ def resolve(name: str, *, data_dir=None, tfds_data_dir=None, download: bool = Tr
       raise DataError(f"{path}: image folder not found (expected <folder>/<split>/<class>/<image files>)")
     logger.info("%s: resolved as an image folder", path)
     return Resolved(str(path), "image_folder", path)
-  name = canonical_name(name)
+  spec = _specs.spec_for(name)
   tfds_dir = _tfds_dir(tfds_data_dir)
   looked = []
-  for source, directory in _raw_candidates(name, data_dir):
-    found, reason = _find_raw(name, directory)
-    if found is None:
-      looked.append(f"{directory}: {reason}")
+  candidates = _raw_candidates(spec, data_dir)
+  for source, directory in candidates:
+    found = spec.format.find(spec, directory) if directory.is_dir() else "absent"
+    if isinstance(found, str):
+      looked.append(f"{directory}: {found}")
       continue
-    kind, raw_dir, files = found
-    builder, prepared_now = _prepare_raw(name, kind, raw_dir, files, tfds_dir)
-    logger.info("%s: resolved from %s dir %s (prepared tfds at %s%s)", name,
+    raw_dir, files = found
+    builder, prepared_now = _prepare_raw(spec, raw_dir, files, tfds_dir)
+    logger.info("%s: resolved from %s dir %s (prepared tfds at %s%s)", spec.name,
                 "raw" if source == "raw" else "system", raw_dir, builder.data_dir,
                 ", prepared now" if prepared_now else "")
-    return Resolved(name, source, raw_dir, builder, prepared_now)
-  if not any(source == "raw" for source, _ in _raw_candidates(name, data_dir)):
+    return Resolved(spec.name, source, raw_dir, builder, prepared_now, spec=spec)
+  if not any(source == "raw" for source, _ in candidates):
     looked.insert(0, f"raw dir: none given (data_dir=None, ${DATA_DIR_ENV} unset)")
-  if name in CATALOG:
-    resolved = _catalog(name, tfds_dir, download, looked)
+  if spec.catalog:
+    resolved = _catalog(spec, tfds_dir, download, looked)
     if resolved is not None:
-      logger.info("%s: resolved from tfds %s at %s", name,
+      logger.info("%s: resolved from tfds %s at %s", spec.name,
                   "download" if resolved.source == "download" else "data dir", resolved.path)
       return resolved
   else:
     looked.append("tfds catalog: not a catalog dataset")
-  explicit = data_dir if data_dir is not None else os.environ.get(DATA_DIR_ENV)
-  folder = _folder_names(name)[0] if name != "cifar10" else "cifar10/cifar-10-batches-bin"
+  explicit = _explicit_dir(data_dir)
   if explicit:
-    where = f"{pathlib.Path(explicit).expanduser().absolute() / folder}/"
+    where = f"{pathlib.Path(explicit).expanduser().absolute() / spec.missing_folder}/"
   else:
-    where = f"<dir>/{folder}/ and pass data_dir=<dir> (or set {DATA_DIR_ENV}=<dir>)"
-  raise DataError(f"{name}: dataset not found; looked in {'; '.join(looked)}. Put {_expected_files(name)} "
+    where = f"<dir>/{spec.missing_folder}/ and pass data_dir=<dir> (or set {DATA_DIR_ENV}=<dir>)"
+  raise DataError(f"{spec.name}: dataset not found; looked in {'; '.join(looked)}. Put {spec.expected_files} "
                   f"in {where}")
 
 

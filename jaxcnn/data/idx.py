@@ -1,9 +1,13 @@
-"""Raw dataset files: IDX (MNIST family) and the CIFAR-10 binary version, read and validated with numpy.
+"""Raw dataset files: IDX (MNIST family) and the CIFAR binary version, read and validated with numpy.
 
 Validation is of the decompressed content (re-packaged .gz files differ byte-wise from the originals
 while holding the same data): IDX magic numbers, dimensions, counts, images-vs-labels agreement, the
-label range and, for datasets known by name, the SHA-256 of each decompressed file. Every failure is a
-one-line `DataError` that names the file and the problem. Nothing here is unpickled or evaluated.
+label range and, where the dataset's spec (`jaxcnn.data.specs`) states them, the example counts and the
+SHA-256 of each decompressed file. Every failure is a one-line `DataError` that names the file and the
+problem. Nothing here is unpickled or evaluated.
+
+A spec names its format by one of the objects here, `IDX` or `CIFAR_BINARY` (`FORMATS` by name); a
+format finds a dataset's files in a directory, describes them, and reads and validates one split.
 """
 from __future__ import annotations
 
@@ -17,77 +21,44 @@ import numpy as np
 
 from jaxcnn.errors import DataError
 
+# The MNIST family's file names (MNIST, Fashion-MNIST, and IDX datasets not in the registry).
 IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 _IMAGES_MAGIC = 2051
 _LABELS_MAGIC = 2049
-_IDX_CLASSES = 10
 
-FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
-                         "Sneaker", "Bag", "Ankle boot")
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-
-
-@dataclasses.dataclass(frozen=True)
-class KnownIdx:
-  """What a dataset known by name must hold: counts per split, image size, decompressed SHA-256s."""
-
-  counts: dict
-  image_hw: tuple[int, int]
-  sha256: dict
-  class_names: tuple[str, ...]
-  folder_names: tuple[str, ...]
-
-
-KNOWN_IDX = {
-    "mnist": KnownIdx(
-        counts={"train": 60000, "test": 10000}, image_hw=(28, 28),
-        sha256={
-            "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
-            "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
-            "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
-            "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
-        },
-        class_names=tuple(str(i) for i in range(10)), folder_names=("mnist",)),
-    "fashion_mnist": KnownIdx(
-        counts={"train": 60000, "test": 10000}, image_hw=(28, 28),
-        sha256={
-            "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
-            "train-labels-idx1-ubyte": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
-            "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
-            "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
-        },
-        class_names=FASHION_MNIST_CLASSES, folder_names=("fashion_mnist", "fashion-mnist")),
-}
-
-# CIFAR-10 binary version: each record is 1 label byte + 3072 pixel bytes (3 planes of 32x32, R, G, B).
+# CIFAR binary version: each record is 1 label byte + the pixel bytes (3 planes of H x W: R, G, B), and
+# each batch file holds _CIFAR_PER_FILE records.
 CIFAR10_BIN_FILES = {
     "train": tuple(f"data_batch_{i}.bin" for i in range(1, 6)),
     "test": ("test_batch.bin",),
 }
-_CIFAR_RECORD = 1 + 32 * 32 * 3
 _CIFAR_PER_FILE = 10000
 
 
-def find_idx_files(directory: pathlib.Path) -> dict[str, pathlib.Path] | None:
-  """{basename: path} of the four IDX files in `directory` (.gz or uncompressed), or None if any is missing."""
+def _names(files: dict) -> list[str]:
+  return [name for names in files.values() for name in names]
+
+
+def find_idx_files(directory: pathlib.Path, names: dict = IDX_FILES) -> dict[str, pathlib.Path] | None:
+  """{basename: path} of the IDX files `names` ({split: basenames}) in `directory` (.gz or uncompressed),
+  or None if any is missing."""
   found = {}
-  for names in IDX_FILES.values():
-    for name in names:
-      for candidate in (directory / f"{name}.gz", directory / name):
-        if candidate.is_file():
-          found[name] = candidate
-          break
-      else:
-        return None
+  for name in _names(names):
+    for candidate in (directory / f"{name}.gz", directory / name):
+      if candidate.is_file():
+        found[name] = candidate
+        break
+    else:
+      return None
   return found
 
 
-def missing_idx_files(directory: pathlib.Path) -> list[str]:
+def missing_idx_files(directory: pathlib.Path, names: dict = IDX_FILES) -> list[str]:
   """The IDX basenames (as .gz) not present in `directory` in either form."""
-  return [f"{name}.gz" for names in IDX_FILES.values() for name in names
+  return [f"{name}.gz" for name in _names(names)
           if not ((directory / f"{name}.gz").is_file() or (directory / name).is_file())]
 
 
@@ -142,20 +113,21 @@ def _parse_idx(path: pathlib.Path, content: bytes, magic: int, ndim: int) -> np.
   return np.frombuffer(body, np.uint8).reshape(dims)
 
 
-def read_idx_split(files: dict[str, pathlib.Path], split: str, dataset: str) -> tuple[np.ndarray, np.ndarray]:
+def read_idx_split(files: dict[str, pathlib.Path], split: str, spec) -> tuple[np.ndarray, np.ndarray]:
   """Reads and validates one split of an IDX dataset.
 
   Args:
     files: {basename: path} from `find_idx_files`.
     split: "train" or "test".
-    dataset: the dataset's name; names in KNOWN_IDX also get count, size and SHA-256 checks.
+    spec: the dataset's `DatasetSpec`: its file names, class count (the label range) and, where given,
+      image shape, example counts and decompressed SHA-256s, all checked.
 
   Returns:
     (images uint8 (N, H, W, 1), labels int32 (N,)).
   """
-  known = KNOWN_IDX.get(dataset)
+  dataset, num_classes = spec.name, len(spec.class_names)
   arrays = []
-  for name, magic, ndim in zip(IDX_FILES[split], (_IMAGES_MAGIC, _LABELS_MAGIC), (3, 1)):
+  for name, magic, ndim in zip(spec.files[split], (_IMAGES_MAGIC, _LABELS_MAGIC), (3, 1)):
     path = files[name]
     content = read_bytes(path)
     array = _parse_idx(path, content, magic, ndim)
@@ -163,60 +135,144 @@ def read_idx_split(files: dict[str, pathlib.Path], split: str, dataset: str) -> 
       raise DataError(f"{path}: holds no examples (the header's count is 0)")
     if ndim == 3 and 0 in array.shape[1:]:
       raise DataError(f"{path}: images are {array.shape[1]}x{array.shape[2]} (a zero dimension)")
-    if known is not None:
-      count = array.shape[0]
-      if count != known.counts[split]:
+    if spec.counts is not None:
+      count, expected = array.shape[0], spec.counts[split]
+      if count != expected:
         other = "test" if split == "train" else "train"
         hint = (f" (that is the {other} split's count: are the train and test files swapped?)"
-                if count == known.counts[other] else "")
-        raise DataError(f"{path}: holds {count} {dataset} examples, expected {known.counts[split]} "
+                if count == spec.counts[other] else "")
+        raise DataError(f"{path}: holds {count} {dataset} examples, expected {expected} "
                         f"for the {split} split{hint}")
-      if ndim == 3 and array.shape[1:] != known.image_hw:
-        raise DataError(f"{path}: images are {array.shape[1]}x{array.shape[2]}, expected "
-                        f"{known.image_hw[0]}x{known.image_hw[1]} for {dataset}")
+    if ndim == 3 and spec.image_shape is not None and array.shape[1:] != tuple(spec.image_shape[:2]):
+      raise DataError(f"{path}: images are {array.shape[1]}x{array.shape[2]}, expected "
+                      f"{spec.image_shape[0]}x{spec.image_shape[1]} for {dataset}")
     arrays.append((path, array, content))
   (image_path, images, image_bytes), (label_path, labels, label_bytes) = arrays
   if images.shape[0] != labels.shape[0]:
     raise DataError(f"{label_path}: holds {labels.shape[0]} labels but {image_path.name} holds "
                     f"{images.shape[0]} images")
-  if labels.size and labels.max() >= _IDX_CLASSES:
-    bad = int(np.argmax(labels >= _IDX_CLASSES))
-    raise DataError(f"{label_path}: label {int(labels[bad])} at index {bad} is outside 0..{_IDX_CLASSES - 1}")
-  if known is not None:
+  if labels.size and labels.max() >= num_classes:
+    bad = int(np.argmax(labels >= num_classes))
+    raise DataError(f"{label_path}: label {int(labels[bad])} at index {bad} is outside 0..{num_classes - 1}")
+  if spec.sha256 is not None:
     for path, content in ((image_path, image_bytes), (label_path, label_bytes)):
       base = path.name[:-3] if path.suffix == ".gz" else path.name
       got = hashlib.sha256(content).hexdigest()
-      if got != known.sha256[base]:
+      if got != spec.sha256[base]:
         raise DataError(f"{path}: SHA-256 of the decompressed content is {got}, expected "
-                        f"{known.sha256[base]} for {dataset} (a different or altered file)")
+                        f"{spec.sha256[base]} for {dataset} (a different or altered file)")
   return images[..., None], labels.astype(np.int32)
 
 
-def find_cifar10_bin(directory: pathlib.Path) -> pathlib.Path | None:
-  """The folder holding the CIFAR-10 binary batches: `directory` itself or its cifar-10-batches-bin/."""
-  for candidate in (directory, directory / "cifar-10-batches-bin"):
-    if all((candidate / name).is_file() for names in CIFAR10_BIN_FILES.values() for name in names):
+def find_cifar_bin(directory: pathlib.Path, names: dict = CIFAR10_BIN_FILES,
+                   archive_folder: str | None = "cifar-10-batches-bin") -> pathlib.Path | None:
+  """The folder holding the CIFAR binary batches `names`: `directory` itself or its `archive_folder`."""
+  candidates = [directory] + ([directory / archive_folder] if archive_folder else [])
+  for candidate in candidates:
+    if all((candidate / name).is_file() for name in _names(names)):
       return candidate
   return None
 
 
-def read_cifar10_split(directory: pathlib.Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-  """One split of the CIFAR-10 binary version: (images uint8 (N, 32, 32, 3), labels int32 (N,))."""
+def read_cifar_split(directory: pathlib.Path, names, image_shape=(32, 32, 3), num_classes: int = 10):
+  """The CIFAR binary batches `names` in `directory`: (images uint8 (N, H, W, C), labels int32 (N,))."""
+  height, width, channels = image_shape
+  record = 1 + height * width * channels
   images, labels = [], []
-  for name in CIFAR10_BIN_FILES[split]:
+  for name in names:
     path = directory / name
     content = read_bytes(path)
-    if len(content) != _CIFAR_RECORD * _CIFAR_PER_FILE:
+    if len(content) != record * _CIFAR_PER_FILE:
       raise DataError(f"{path}: {len(content)} bytes, expected {_CIFAR_PER_FILE} records of "
-                      f"{_CIFAR_RECORD} bytes ({_CIFAR_RECORD * _CIFAR_PER_FILE}); truncated or not a "
-                      "CIFAR-10 binary batch")
-    records = np.frombuffer(content, np.uint8).reshape(_CIFAR_PER_FILE, _CIFAR_RECORD)
-    if records[:, 0].max() >= 10:
-      bad = int(np.argmax(records[:, 0] >= 10))
-      raise DataError(f"{path}: label {int(records[bad, 0])} in record {bad} is outside 0..9")
+                      f"{record} bytes ({record * _CIFAR_PER_FILE}); truncated or not a "
+                      "CIFAR binary batch")
+    records = np.frombuffer(content, np.uint8).reshape(_CIFAR_PER_FILE, record)
+    if records[:, 0].max() >= num_classes:
+      bad = int(np.argmax(records[:, 0] >= num_classes))
+      raise DataError(f"{path}: label {int(records[bad, 0])} in record {bad} is outside 0..{num_classes - 1}")
     labels.append(records[:, 0].astype(np.int32))
-    images.append(records[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+    images.append(records[:, 1:].reshape(-1, channels, height, width).transpose(0, 2, 3, 1))
   return np.concatenate(images), np.concatenate(labels)
+
+
+def read_cifar10_split(directory: pathlib.Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+  """One split of the CIFAR-10 binary version: (images uint8 (N, 32, 32, 3), labels int32 (N,))."""
+  return read_cifar_split(directory, CIFAR10_BIN_FILES[split])
+
+
+@dataclasses.dataclass(frozen=True)
+class IdxFormat:
+  """IDX files (.gz or uncompressed), one images and one labels file per split."""
+
+  name: str = "idx"
+  description: str = "raw IDX files"
+
+  def find(self, spec, directory: pathlib.Path):
+    """(raw dir, files) when `directory` holds the spec's files, else the reason it does not."""
+    files = find_idx_files(directory, spec.files)
+    if files is None:
+      missing = missing_idx_files(directory, spec.files)
+      if len(missing) == len(_names(spec.files)):
+        return "no IDX files"
+      return f"missing {', '.join(missing)}"
+    return directory, list(files.values())
+
+  def expected_files(self, spec) -> str:
+    return ", ".join(f"{name}.gz" for name in _names(spec.files))
+
+  def image_shape(self, spec, files) -> tuple[int, int, int]:
+    """(H, W, 1) from the training images file's header alone (cheap)."""
+    images_file = next(f for f in files if (f.name[:-3] if f.suffix == ".gz" else f.name) == spec.files["train"][0])
+    return (*read_image_hw(images_file), 1)
+
+  def read_split(self, spec, raw_dir: pathlib.Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    files = find_idx_files(raw_dir, spec.files)
+    if files is None:
+      raise DataError(f"{raw_dir}: IDX files missing: {', '.join(missing_idx_files(raw_dir, spec.files))}")
+    return read_idx_split(files, split, spec)
+
+  def validate(self, spec, raw_dir: pathlib.Path) -> None:
+    """Reads both splits fully; one prepared dataset holds one image shape, so a test file of another
+    size is the wrong file."""
+    files = find_idx_files(raw_dir, spec.files)
+    shapes = {split: self.read_split(spec, raw_dir, split)[0].shape[1:] for split in ("train", "test")}
+    if shapes["train"] != shapes["test"]:
+      test_file, train_file = files[spec.files["test"][0]], files[spec.files["train"][0]]
+      raise DataError(f"{test_file}: images are {shapes['test'][0]}x{shapes['test'][1]} but {train_file.name} "
+                      f"holds {shapes['train'][0]}x{shapes['train'][1]} images")
+
+
+@dataclasses.dataclass(frozen=True)
+class CifarBinaryFormat:
+  """The CIFAR binary version: batch files of (label byte, R, G and B planes) records, found in a dataset
+  folder itself or in the archive's top folder (`spec.archive_folder`)."""
+
+  name: str = "cifar_binary"
+  description: str = "raw CIFAR binary batches"
+
+  def find(self, spec, directory: pathlib.Path):
+    found = find_cifar_bin(directory, spec.files, spec.archive_folder)
+    if found is None:
+      return "no CIFAR binary batches"
+    return found, [found / name for name in _names(spec.files)]
+
+  def expected_files(self, spec) -> str:
+    return ", ".join(_names(spec.files))
+
+  def image_shape(self, spec, files) -> tuple[int, int, int]:
+    return tuple(spec.image_shape)
+
+  def read_split(self, spec, raw_dir: pathlib.Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    return read_cifar_split(raw_dir, spec.files[split], spec.image_shape, len(spec.class_names))
+
+  def validate(self, spec, raw_dir: pathlib.Path) -> None:
+    for split in ("train", "test"):
+      self.read_split(spec, raw_dir, split)
+
+
+IDX = IdxFormat()
+CIFAR_BINARY = CifarBinaryFormat()
+FORMATS = {fmt.name: fmt for fmt in (IDX, CIFAR_BINARY)}
 
 
 def digest_files(paths) -> str:

@@ -20,8 +20,9 @@ import flax.linen as nn
 
 
 def _snake_case(class_name: str) -> str:
-  """"MaxPool2D" -> "max_pool2d", "Conv2D" -> "conv2d", "BatchNorm" -> "batch_norm"."""
-  return re.sub(r"(?<=[a-z])(?=[A-Z])", "_", class_name).lower()
+  """"MaxPool2D" -> "max_pool2d", "Conv2D" -> "conv2d", "BatchNorm" -> "batch_norm",
+  "Conv2DTranspose" -> "conv2d_transpose" (Keras' names)."""
+  return re.sub(r"(?<=[a-z])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", class_name).lower()
 
 
 def _accepts_train(layer: nn.Module) -> bool:

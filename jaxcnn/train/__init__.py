@@ -11,7 +11,10 @@
 from jaxcnn.train.callbacks import Callback, CSVLogger, EarlyStopping, JSONLogger, Progress, TensorBoard
 from jaxcnn.train.checkpoint import Checkpointer, digest_tree
 from jaxcnn.train.config import DEFAULTS, augment_config, default_config, validate_config
-from jaxcnn.train.losses import LOSSES, get_loss, mse, sigmoid_binary_cross_entropy, softmax_cross_entropy
+from jaxcnn.train.losses import (LOSSES, binary_crossentropy, categorical_crossentropy, get_loss, mae,
+                                 mean_absolute_error, mean_squared_error, mse, output_activation,
+                                 resolve_from_logits, sigmoid_binary_cross_entropy, softmax_cross_entropy,
+                                 sparse_categorical_crossentropy)
 from jaxcnn.train.loop import TRACE_COUNTS, FitResult, Preempted, evaluate, fit
 from jaxcnn.train.optim import make_optimizer, make_schedule, param_paths
 from jaxcnn.train.parallel import (AXIS, MeshStrategy, PmapStrategy, Strategy, make_mesh, make_strategy,
@@ -22,8 +25,9 @@ from jaxcnn.train.step import dropout_key, make_steps
 __all__ = [
     "AXIS", "CSVLogger", "Callback", "Checkpointer", "DEFAULTS", "EarlyStopping", "FitResult", "JSONLogger",
     "LOSSES", "MeshStrategy", "PmapStrategy", "Preempted", "Progress", "Strategy", "TRACE_COUNTS",
-    "TensorBoard", "TrainState", "augment_config", "create_train_state", "default_config", "digest_tree",
-    "dropout_key", "evaluate", "fit", "get_loss", "make_mesh", "make_optimizer", "make_schedule", "make_steps",
-    "make_strategy", "maybe_initialize_distributed", "mse", "param_paths", "sigmoid_binary_cross_entropy",
-    "softmax_cross_entropy", "validate_config",
+    "TensorBoard", "TrainState", "augment_config", "binary_crossentropy", "categorical_crossentropy",
+    "create_train_state", "default_config", "digest_tree", "dropout_key", "evaluate", "fit", "get_loss", "mae",
+    "make_mesh", "make_optimizer", "make_schedule", "make_steps", "make_strategy", "maybe_initialize_distributed",
+    "mean_absolute_error", "mean_squared_error", "mse", "output_activation", "param_paths", "resolve_from_logits",
+    "sigmoid_binary_cross_entropy", "softmax_cross_entropy", "sparse_categorical_crossentropy", "validate_config",
 ]

@@ -6,17 +6,47 @@ on every process; the file writers write only from process 0.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
 import math
 import pathlib
 import sys
+import time
 
 import jax
 import numpy as np
 
 _LOG = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def root_logger_left_alone():
+  """While active, absl's logging (what orbax logs through) cannot configure the root logger.
+
+  absl.logging calls `logging.basicConfig()` on its first message when the root logger has no handler,
+  which puts a stderr handler there for good and turns a later `logging.basicConfig(level=INFO)` of the
+  user into a no-op. Inside this context an unconfigured root logger holds `logging.lastResort`, the
+  handler Python uses anyway when there is none (warnings and errors to the current stderr), so
+  nothing prints differently; it is removed on exit. A root logger with handlers is not touched. Also
+  usable as a decorator (fit runs under it: orbax logs while checkpointing).
+  """
+  root = logging.getLogger()
+  placeholder = None if root.handlers else (logging.lastResort or logging.NullHandler())
+  if placeholder is not None:
+    root.addHandler(placeholder)
+  try:
+    yield
+  finally:
+    if placeholder is not None:
+      root.removeHandler(placeholder)
+
+
+# orbax logs through absl while it is imported (jaxcnn.train.checkpoint imports it; this module is
+# imported first by jaxcnn.train).
+with root_logger_left_alone():
+  import orbax.checkpoint  # noqa: E402,F401
 
 
 class Callback:
@@ -158,15 +188,65 @@ class TensorBoard(Callback):
     return None
 
 
+class _StdoutHandler(logging.StreamHandler):
+  """Writes to whatever `sys.stdout` is when a record is emitted (Jupyter's and pytest's captures replace
+  it after import), as logging's own last-resort handler does for stderr."""
+
+  def __init__(self):
+    logging.Handler.__init__(self)  # not StreamHandler's: it would pin the stream of this moment
+
+  @property
+  def stream(self):
+    return sys.stdout
+
+
+def _progress_logger() -> logging.Logger:
+  """The `jaxcnn.progress` logger: INFO lines to stdout through its own handler, never to the root logger
+  (so it prints whether or not logging was configured, and a later `logging.basicConfig` still works)."""
+  logger = logging.getLogger("jaxcnn.progress")
+  if not any(isinstance(h, _StdoutHandler) for h in logger.handlers):
+    handler = _StdoutHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+  logger.setLevel(logging.INFO)
+  logger.propagate = False
+  return logger
+
+
+PROGRESS_LOG = _progress_logger()
+
+
+def _format_metrics(metrics: dict) -> str:
+  """"loss=0.1234 accuracy=0.9500 val_loss=... lr=0.001": 4 decimals, the learning rate (%g) last."""
+  parts = [f"{key}={float(value):.4f}" for key, value in metrics.items() if key not in ("epoch", "lr")]
+  if "lr" in metrics:
+    parts.append(f"lr={float(metrics['lr']):g}")
+  return " ".join(parts)
+
+
 class Progress:
-  """Progress of the steps: a tqdm bar on a terminal, else one log line per report; process 0 only.
+  """Progress of the steps and epochs, on process 0 only.
+
+  On a terminal (stderr is a TTY) a tqdm bar; elsewhere (a pipe, a file, Jupyter, pytest) plain lines,
+  with no escape codes, to stdout through the `jaxcnn.progress` logger (its own handler; the root
+  logger is neither used nor changed): one per report (every `log_every` steps) and one per epoch.
+
+      step 50/1266 epoch 1/3 loss=0.4171 accuracy=0.8712
+      epoch 1/3 loss=0.2520 accuracy=0.9231 val_loss=0.0811 val_accuracy=0.9747 lr=0.001 (41.2 s)
+
+  The loop calls `report` at each host sync and `end_epoch` once at the end of each epoch, after
+  validation, with that epoch's logs; `close` at the end. To silence it or send it elsewhere, use
+  mode="none" or configure the `jaxcnn.progress` logger (it does not propagate).
 
   Args:
-    mode: "auto" (bar when stderr is a TTY, else log lines), "bar", "log" or "none".
+    mode: "auto" (bar when stderr is a TTY, else lines), "bar", "log" or "none".
     total_steps: steps of the whole run.
+    initial_step: the step a resumed run starts at (default 0).
   """
 
   def __init__(self, mode: str, total_steps: int, initial_step: int = 0):
+    if mode not in ("auto", "bar", "log", "none"):
+      raise ValueError(f"Progress: mode={mode!r} must be 'auto', 'bar', 'log' or 'none'")
     if jax.process_index() != 0:
       mode = "none"
     if mode == "auto":
@@ -177,16 +257,37 @@ class Progress:
       from tqdm import tqdm
       self._bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True)
     self._last = initial_step
+    self._epoch_started = time.perf_counter()
 
   def report(self, step: int, epoch: int, epochs: int, metrics: dict) -> None:
-    """Shows `metrics` at global `step` of epoch `epoch` (0-based) of `epochs`."""
-    text = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+    """Shows `metrics` (this epoch's so far) at global `step` of epoch `epoch` (0-based) of `epochs`."""
+    text = _format_metrics(metrics)
     if self._bar is not None:
       self._bar.update(step - self._last)
       self._bar.set_postfix_str(f"epoch {epoch + 1}/{epochs} {text}")
     elif self.mode == "log":
-      _LOG.info("step %d/%d epoch %d/%d %s", step, self.total, epoch + 1, epochs, text)
+      PROGRESS_LOG.info("step %d/%d epoch %d/%d %s", step, self.total, epoch + 1, epochs, text)
     self._last = step
+
+  def end_epoch(self, epoch: int, epochs: int, logs: dict, seconds: float | None = None) -> None:
+    """One line for epoch `epoch` (0-based) of `epochs`: its train and validation metrics and duration.
+
+    Args:
+      epoch: the epoch that ended, 0-based.
+      epochs: the run's number of epochs.
+      logs: the epoch's metrics as fit gives them to callbacks ("epoch" is left out of the line).
+      seconds: the epoch's wall time; None (default): the time since the previous end_epoch (or since
+        this Progress was made, for the first), which includes compilation and validation.
+    """
+    now = time.perf_counter()
+    if seconds is None:
+      seconds = now - self._epoch_started
+    self._epoch_started = now
+    line = f"epoch {epoch + 1}/{epochs} {_format_metrics(logs)} ({seconds:.1f} s)"
+    if self._bar is not None:
+      self._bar.write(line)  # above the bar, which is redrawn below it
+    elif self.mode == "log":
+      PROGRESS_LOG.info("%s", line)
 
   def close(self) -> None:
     if self._bar is not None:

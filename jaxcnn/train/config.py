@@ -41,6 +41,7 @@ DEFAULTS: dict[str, Any] = dict(
     feed="auto",                    # "auto" | "device" (batches gathered on device) | "host" (host-fed chunks)
     # loss
     loss="softmax_cross_entropy",   # one of LOSSES
+    from_logits=None,               # cross-entropies: outputs are logits? None: auto (the model's last activation)
     target="label",                 # batch key the loss compares outputs with ("image": autoencoders)
     # optimizer and schedule
     optimizer="adam",               # one of OPTIMIZERS
@@ -73,7 +74,8 @@ DEFAULTS: dict[str, Any] = dict(
 )
 
 # The type of each key whose default is None (for a ConfigDict that command-line flags can set).
-_NONE_TYPES = {"batch_size": int, "validation_batch_size": int, "decay_steps": int, "best_metric": str}
+_NONE_TYPES = {"batch_size": int, "validation_batch_size": int, "decay_steps": int, "best_metric": str,
+               "from_logits": bool}
 NORMALIZE = ("auto", "featurewise", "scale", "none")
 FEEDS = ("auto", "device", "host")
 FILL_MODES = ("nearest", "constant")
@@ -157,6 +159,8 @@ def validate_config(config: Mapping[str, Any] | ml_collections.ConfigDict | None
   check(_is_number(c["cval"]), "cval", "expected a number")
   check(c["feed"] in FEEDS, "feed", f"expected one of {', '.join(FEEDS)}")
   check(c["loss"] in LOSSES, "loss", f"expected one of {', '.join(LOSSES)}")
+  check(c["from_logits"] is None or isinstance(c["from_logits"], bool), "from_logits",
+        "expected True, False or None (auto)")
   check(isinstance(c["target"], str) and bool(c["target"]), "target", "expected a batch key such as 'label'")
   check(c["optimizer"] in OPTIMIZERS, "optimizer", f"expected one of {', '.join(OPTIMIZERS)}")
   check(_is_number(c["learning_rate"]) and c["learning_rate"] > 0, "learning_rate", "expected a positive number")

@@ -40,7 +40,7 @@ from jaxcnn.train import callbacks as callbacks_lib
 from jaxcnn.train.checkpoint import Checkpointer
 from jaxcnn.train.config import augment_config, augments, best_mode, validate_config
 from jaxcnn.train.feed import ResidentFeed, choose_feed, make_feed
-from jaxcnn.train.losses import get_loss
+from jaxcnn.train.losses import get_loss, has_accuracy, resolve_from_logits
 from jaxcnn.train.optim import make_optimizer, make_schedule
 from jaxcnn.train.parallel import Strategy, device_count, fetch, make_strategy, maybe_initialize_distributed
 from jaxcnn.train.state import TrainState, create_train_state, init_variables, zero_metric_sums
@@ -250,7 +250,8 @@ def _check_model_and_targets(model, state, batch, pipeline, config) -> None:
   what = f"train_data: targets {tuple(target.shape[1:])} {target.dtype} do not fit loss={config.loss!r} " \
          f"for model outputs {tuple(getattr(outputs, 'shape', ())[1:])}"
   try:
-    jax.eval_shape(get_loss(config.loss), outputs, target)
+    loss_fn = get_loss(config.loss, from_logits=resolve_from_logits(model, config.loss, config.from_logits))
+    jax.eval_shape(loss_fn, outputs, target)
   except (ValueError, TypeError) as err:
     raise ConfigError(f"{what}: {_first_line(err)}") from None
   classes = getattr(pipeline, "num_classes", None)
@@ -399,11 +400,12 @@ def _load_history(workdir: pathlib.Path | None, epochs_done: int) -> dict[str, l
 
 
 def _with_accuracy(loss: str) -> bool:
-  return loss != "mse"
+  return has_accuracy(loss)
 
 
 # -- fit -------------------------------------------------------------------------------------------------
 
+@callbacks_lib.root_logger_left_alone()
 def fit(model, train_data, *, config, workdir=None, val_data=None, callbacks: Sequence[Any] = (),
         initial_state: TrainState | FitResult | None = None) -> FitResult:
   """Trains `model` on `train_data`; resumes from `workdir`'s latest checkpoint when there is one.
@@ -466,7 +468,7 @@ def fit(model, train_data, *, config, workdir=None, val_data=None, callbacks: Se
   _check_model_and_targets(model, strategy.local_state(state), _abstract_batch(feed, data.train), data.train,
                            config)
   train_step, eval_step = make_steps(model, loss=config.loss, target=config.target, axis_name=strategy.axis_name,
-                                     compute_dtype=config.compute_dtype)
+                                     compute_dtype=config.compute_dtype, from_logits=config.from_logits)
   loop = _Loop(strategy, config, feed, steps_per_epoch=steps_per_epoch, first_step=first_step,
                last_epoch=last_epoch, schedule=make_schedule(config, run_steps),
                train_fn=_train_program(strategy, train_step, feed, chunk, int(data.train.batch_size)),
@@ -547,7 +549,7 @@ class _Loop:
         for epoch in range(start_epoch, self.last_epoch):
           state, first_bad, metrics = self._epoch(state, first_bad, epoch, start_step if epoch == start_epoch else 0,
                                                   progress, preemption)
-          state, stop = self._end_epoch(state, first_bad, epoch, metrics, history, callbacks, preemption)
+          state, stop = self._end_epoch(state, first_bad, epoch, metrics, history, callbacks, progress, preemption)
           if stop:
             _LOG.info("stopping early after epoch %d", epoch + 1)
             break
@@ -578,7 +580,7 @@ class _Loop:
           _stop_preempted(checkpointer, strategy, state)
     return state, first_bad, metrics
 
-  def _end_epoch(self, state, first_bad, epoch: int, metrics, history: dict, callbacks, preemption):
+  def _end_epoch(self, state, first_bad, epoch: int, metrics, history: dict, callbacks, progress, preemption):
     """Metrics, validation, history, callbacks, the rollover and its checkpoint; returns (state, stop)."""
     strategy, checkpointer = self.strategy, self.checkpointer
     if metrics is None:  # resumed exactly at the end of an epoch: no step ran in it here
@@ -587,6 +589,7 @@ class _Loop:
     logs = {"epoch": epoch + 1, **metrics, "lr": lr}
     if self.evaluate_val is not None:
       logs.update(summarize(self.evaluate_val(state), "val_", self.with_acc))
+    progress.end_epoch(epoch, self.last_epoch, logs)
     for key, value in logs.items():
       history.setdefault(key, []).append(value)
     for cb in callbacks:

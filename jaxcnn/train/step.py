@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxcnn.train.losses import count_correct, get_loss
+from jaxcnn.train.losses import count_correct, get_loss, resolve_from_logits
 from jaxcnn.train.state import TrainState
 
 
@@ -32,12 +32,16 @@ def _cast_floats(tree, dtype):
 
 
 def make_steps(model, *, loss: str = "softmax_cross_entropy", target: str = "label",
-               axis_name: str | None = None, compute_dtype: str = "float32") -> tuple[Callable, Callable]:
+               axis_name: str | None = None, compute_dtype: str = "float32",
+               from_logits: bool | None = None) -> tuple[Callable, Callable]:
   """The pure train and eval steps for `model`.
 
   Args:
-    model: a flax.linen Module, `model.apply(variables, x, train=...)` -> outputs (logits).
-    loss: "softmax_cross_entropy" (default) | "sigmoid_binary_cross_entropy" | "mse".
+    model: a flax.linen Module, `model.apply(variables, x, train=...)` -> outputs.
+    loss: one of jaxcnn.train.LOSSES: "softmax_cross_entropy" (default) and
+      "sigmoid_binary_cross_entropy" take logits; the Keras names "sparse_categorical_crossentropy",
+      "categorical_crossentropy", "binary_crossentropy" take logits or probabilities (`from_logits`);
+      "mse"/"mean_squared_error", "mae"/"mean_absolute_error".
     target: the batch key the loss compares outputs with (default "label"; "image" for autoencoders).
     axis_name: the pmap axis the batch is split over, or None (default) under jit/one device. Models
       whose BatchNorm must use the global batch under pmap need the same axis_name in their BatchNorm.
@@ -45,6 +49,10 @@ def make_steps(model, *, loss: str = "softmax_cross_entropy", target: str = "lab
       and the images to bfloat16 for the forward and backward passes (convolutions and BatchNorm
       statistics still accumulate in float32), while the parameters, their gradients, the optimizer
       state and the BatchNorm running statistics stay float32 and the loss is computed in float32.
+    from_logits: whether the model's outputs are logits, for the cross-entropies: None (default, auto)
+      reads the model's final activation (False when it ends in softmax/sigmoid); resolved and checked
+      by `jaxcnn.train.losses.resolve_from_logits` (its table; custom modules: auto = logits, an
+      explicit False is trusted).
 
   Returns:
     (train_step, eval_step):
@@ -53,8 +61,13 @@ def make_steps(model, *, loss: str = "softmax_cross_entropy", target: str = "lab
       eval_step(state, batch) -> metrics: train=False forward (running BatchNorm stats, no dropout).
     metrics = {"loss_sum", "correct_sum", "count"} float32 scalars summed over the global batch
     (correct_sum is 0 for losses without accuracy).
+
+  Raises:
+    ConfigError: a logits loss (or from_logits=True) for a model that ends in softmax/sigmoid, or
+      from_logits=False for one without such an output (one line naming the loss and the activation).
   """
-  loss_fn_per_example = get_loss(loss)
+  from_logits = resolve_from_logits(model, loss, from_logits)
+  loss_fn_per_example = get_loss(loss, from_logits=from_logits)
   dtype = jnp.dtype(compute_dtype)
   mixed = dtype != jnp.dtype(jnp.float32)
 
@@ -71,7 +84,7 @@ def make_steps(model, *, loss: str = "softmax_cross_entropy", target: str = "lab
 
   def _sums(outputs, batch, per_example):
     mask = batch["mask"].astype(jnp.float32)
-    correct = count_correct(loss, outputs, batch[target])
+    correct = count_correct(loss, outputs, batch[target], from_logits=bool(from_logits))
     correct_sum = jnp.sum(correct * mask) if correct is not None else jnp.zeros((), jnp.float32)
     return {"loss_sum": _global_sum(jnp.sum(per_example * mask), axis_name),
             "correct_sum": _global_sum(correct_sum, axis_name),

@@ -203,7 +203,7 @@ class _OfflineCatalogBuilder:
 
   def __init__(self, root: pathlib.Path):
     self.data_dir_root = root
-    self.data_dir = root / "mnist" / "3.0.1"
+    self.data_dir = self.data_path = root / "mnist" / "3.0.1"
 
   def is_prepared(self):
     return False
@@ -234,3 +234,50 @@ def test_catalog_steps_come_after_raw_dirs_prepared_then_download(tiny_idx, tmp_
   with pytest.raises(DataError, match=r"tfds download: failed \(ConnectionError: Failed to establish"):
     resolve("mnist", tfds_data_dir=offline_root)
   assert list(offline_root.iterdir()) == [] and hidden == [True]
+
+
+_PREPARE_TWICE = """
+import logging, sys
+logging.basicConfig(level=logging.INFO)  # everything, tfds' and absl's INFO lines included
+from jaxcnn.data import resolve
+for _ in range(2):
+  resolve(sys.argv[1], data_dir=sys.argv[2], tfds_data_dir=sys.argv[3], download=False).read("train")
+print("tensorflow imported:", "tensorflow" in sys.modules)
+"""
+
+
+def test_preparing_local_files_says_so_in_one_line_without_download_claims_or_progress_bars(tiny_idx, tmp_path):
+  raw, _ = tiny_idx
+  tfds_dir = tmp_path / "tfds"
+  env = dict(os.environ, JAXCNN_DATA_DIR="", JAXCNN_TFDS_DIR="", JAX_PLATFORMS="cpu")
+  result = subprocess.run([sys.executable, "-c", _PREPARE_TWICE, "tiny_digits", str(raw), str(tfds_dir)], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=300)  # not a TTY
+  assert result.returncode == 0, result.stderr[-3000:]
+  output = result.stdout + result.stderr
+  assert "Download" not in output and "download" not in output, output
+  assert "\x1b[" not in output and "\r" not in output, output  # no tqdm redraws or escape codes
+  assert "dataset_info.json" not in output, output
+  lines = output.strip().splitlines()
+  assert len(lines) == len(set(lines)), output
+  (prepared_dir,) = [p.parent for p in tfds_dir.rglob("dataset_info.json")]
+  preparing = [line for line in lines if ": preparing " in line]
+  assert preparing == [
+      f"INFO:jaxcnn.data:tiny_digits: preparing from {raw} (raw IDX files) into {prepared_dir}"], output
+  logged = result.stderr.strip().splitlines()  # the log lines, in order: all that was printed there
+  assert len(logged) == 3 and logged[0] == preparing[0], output
+  assert logged[1].endswith(", prepared now)") and logged[2].endswith(f"{prepared_dir})")  # then reused
+  assert result.stdout == "tensorflow imported: False\n"
+
+
+def test_progress_bar_setting_is_restored_after_preparing(tiny_idx, tmp_path):
+  from tensorflow_datasets.core.utils import tqdm_utils
+
+  raw, _ = tiny_idx
+  before = tqdm_utils._active
+  try:
+    for setting in (True, False):
+      tqdm_utils._active = setting
+      resolve("tiny_digits", data_dir=raw, tfds_data_dir=tmp_path / f"tfds_{setting}")
+      assert tqdm_utils._active is setting  # off while preparing (stderr is captured), then as it was
+  finally:
+    tqdm_utils._active = before

@@ -49,6 +49,7 @@ def test_runs_end_to_end_on_an_image_folder(tmp_path):
   assert results["skipped_files"] == 1
   assert 0.0 <= results["test_accuracy"] <= 1.0 and np.isfinite(results["test_loss"])
   saved = json.loads((workdir / "summary.json").read_text())
+  # JSON keeps every float exactly (shortest repr), so the written results equal the returned ones.
   assert saved["results"] == json.loads(json.dumps(results)) and saved["experiment"] == "cats_vs_dogs"
   assert json.loads((workdir / "history.json").read_text())["epoch"] == [1]
   for figure in saved["figures"]:

@@ -138,7 +138,7 @@ def test_cli_mnist_convnet_one_epoch(tiny_digits, tmp_path):
       "mnist_convnet", 1, 34826)
   assert summary["config"]["train"]["weight_decay"] == 1e-4
   # The one-screen report: model table, per-epoch line, test accuracy, where the files are.
-  for text in ("Total params: 34,826", "epoch 1: loss", "test accuracy:", f"files in {workdir}"):
+  for text in ("Total params: 34,826", "epoch 1/1 loss=", "test accuracy:", f"files in {workdir}"):
     assert text in result.stdout
   for name in FIGURES:
     assert (workdir / name).is_file()

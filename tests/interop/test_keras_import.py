@@ -19,7 +19,7 @@ from helpers import assert_close, import_tensorflow
 from jaxcnn import models
 from jaxcnn.errors import DataError
 from jaxcnn.interop import load_keras_weights, read_keras_weights
-from jaxcnn.layers import BatchNorm, Conv2D, Dense, Flatten, MaxPool2D, Sequential
+from jaxcnn.layers import Activation, BatchNorm, Conv2D, Dense, Flatten, MaxPool2D, Sequential
 
 
 def _tiny_model():
@@ -281,27 +281,38 @@ def _check_predictions(got, expected):
 def test_textbook_cifar_cnn_reproduces_keras(tmp_path):
   keras = _keras()
   layers = keras.layers
-  # The textbook CIFAR-10 CNN with jaxcnn Sequential's layer names (Keras' auto-names depend on what
-  # the session built before, so they are set explicitly).
+  # The course's CIFAR-10 CNN (keras examples/cifar10_cnn.py) as listed: separate Activation layers,
+  # the second convolution of each block "valid", a softmax at the end. Layers with weights get jaxcnn
+  # Sequential's names (Keras' auto-names depend on what the session built before).
   model = keras.Sequential([
       keras.Input((32, 32, 3)),
-      layers.Conv2D(32, 3, padding="same", activation="relu", name="conv2d"),
-      layers.Conv2D(32, 3, padding="same", activation="relu", name="conv2d_1"),
-      layers.MaxPooling2D(2, name="max_pool2d"), layers.Dropout(0.25, name="dropout"),
-      layers.Conv2D(64, 3, padding="same", activation="relu", name="conv2d_2"),
-      layers.Conv2D(64, 3, padding="same", activation="relu", name="conv2d_3"),
-      layers.MaxPooling2D(2, name="max_pool2d_1"), layers.Dropout(0.25, name="dropout_1"),
-      layers.Flatten(name="flatten"), layers.Dense(512, activation="relu", name="dense"),
-      layers.Dropout(0.5, name="dropout_2"), layers.Dense(10, name="dense_1"),
+      layers.Conv2D(32, (3, 3), padding="same", name="conv2d"), layers.Activation("relu"),
+      layers.Conv2D(32, (3, 3), name="conv2d_1"), layers.Activation("relu"),
+      layers.MaxPooling2D(pool_size=(2, 2)), layers.Dropout(0.25),
+      layers.Conv2D(64, (3, 3), padding="same", name="conv2d_2"), layers.Activation("relu"),
+      layers.Conv2D(64, (3, 3), name="conv2d_3"), layers.Activation("relu"),
+      layers.MaxPooling2D(pool_size=(2, 2)), layers.Dropout(0.25),
+      layers.Flatten(), layers.Dense(512, name="dense"), layers.Activation("relu"), layers.Dropout(0.5),
+      layers.Dense(10, name="dense_1"), layers.Activation("softmax"),
   ])
+  assert model.count_params() == 1_250_858
   _randomise(model, 0)
-  x = np.random.default_rng(1).uniform(size=(4, 32, 32, 3)).astype(np.float32)
+  # Small inputs keep the random network's logits moderate, so its softmax is not one-hot.
+  x = np.random.default_rng(1).uniform(0, 0.05, size=(4, 32, 32, 3)).astype(np.float32)
+  expected_logits = np.asarray(keras.Model(model.inputs[0], model.layers[-2].output)(x, training=False))
   expected = np.asarray(model(x, training=False))
   ours = models.get("cifar10_cnn", num_classes=10)
+  # The listing's softmax as a layer: the registry model nests, its layers are "sequential/conv2d", ...
+  # and take the file's "conv2d", ... by the end of their paths.
+  with_softmax = Sequential([ours, Activation("softmax")])
   template = jax.eval_shape(ours.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  nested_template = jax.eval_shape(with_softmax.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
   for path in _save_all_layouts(keras, model, tmp_path):
     variables = load_keras_weights(path, template)
-    _check_predictions(jax.jit(ours.apply)(variables, jnp.asarray(x)), expected)
+    _check_predictions(jax.jit(ours.apply)(variables, jnp.asarray(x)), expected_logits)
+    probabilities = jax.jit(with_softmax.apply)(load_keras_weights(path, nested_template), jnp.asarray(x))
+    assert 0.05 < float(np.max(expected)) < 0.95  # a softmax that is not saturated
+    assert_close(probabilities, expected, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.oracle
@@ -334,6 +345,16 @@ def test_vgg16_reproduces_keras_applications(tmp_path):
   with pytest.raises(DataError, match=r"missing from the file: fc1, fc2, predictions$"):
     load_keras_weights(headless_path, template)
 
+  # Transfer learning: the backbone under a new head in a Sequential. Its layers are
+  # "vgg16/block1_conv1", ... and take the file's "block1_conv1", ... by the end of their paths.
+  transfer = Sequential([backbone, Flatten(), Dense(2)])
+  initial = jax.jit(transfer.init)(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+  moved = load_keras_weights(headless_path, initial, strict=False)
+  assert sorted(moved["params"]) == ["dense", "vgg16"]
+  _check_predictions(jax.jit(backbone.apply)({"params": moved["params"]["vgg16"]}, jnp.asarray(x)),
+                     np.asarray(headless(x, training=False)))
+  np.testing.assert_array_equal(moved["params"]["dense"]["kernel"], initial["params"]["dense"]["kernel"])
+
 
 def test_nested_keras3_models_name_layers_by_path(tmp_path):
   """Keras 3 writes a nested model as layers/<key>/layers/<key>/vars (checked against Keras 3.15)."""
@@ -358,3 +379,135 @@ def test_nested_keras3_models_name_layers_by_path(tmp_path):
   variables = load_keras_weights(path, template)
   np.testing.assert_array_equal(variables["params"]["backbone"]["conv"]["bias"], bias)
   np.testing.assert_array_equal(variables["params"]["head"]["kernel"], head)
+
+
+def test_legacy_nested_models_are_split_into_their_layers(tmp_path):
+  """The legacy format saves a nested model as one group; its weight names carry the layers' paths
+  (Keras 3: "backbone/c1/kernel"; Keras 2: "c1/kernel:0"), a top-level layer's may carry the model's
+  name ("sequential/head/kernel")."""
+  path = tmp_path / "nested_legacy.h5"
+  arrays = {}
+  with h5py.File(path, "w") as handle:
+    groups = {"backbone": ["backbone/c1/kernel", "backbone/c1/bias", "backbone/bn/gamma", "backbone/bn/beta"],
+              "features": ["conv/kernel:0", "conv/bias:0"], "head": ["sequential/head/kernel", "sequential/head/bias"]}
+    handle.attrs["layer_names"] = np.array([name.encode() for name in groups])
+    for index, (name, weight_names) in enumerate(groups.items()):
+      group = handle.create_group(name)
+      group.attrs["weight_names"] = np.array([w.encode() for w in weight_names])
+      for offset, weight_name in enumerate(weight_names):
+        arrays[weight_name] = np.full((2,), 10 * index + offset, np.float32)
+        group.create_dataset(weight_name, data=arrays[weight_name])
+  read = read_keras_weights(path)
+  assert sorted(read) == ["backbone/bn", "backbone/c1", "features/conv", "head"]
+  np.testing.assert_array_equal(read["backbone/bn"][1], arrays["backbone/bn/beta"])
+  np.testing.assert_array_equal(read["features/conv"][0], arrays["conv/kernel:0"])
+  np.testing.assert_array_equal(read["head"][1], arrays["sequential/head/bias"])
+
+
+def test_layers_match_by_the_end_of_their_path(tmp_path, caplog):
+  weights = _tiny_weights()
+  path = tmp_path / "tiny.weights.h5"
+  _write_keras3(path, weights)
+  nested = Sequential([_tiny_model()])  # layers sequential/conv2d, sequential/batch_norm, sequential/dense
+  template = jax.eval_shape(nested.init, jax.random.key(0), jnp.zeros((1, 6, 6, 2)))
+  with caplog.at_level(logging.INFO, logger="jaxcnn.interop"):
+    variables = load_keras_weights(path, template, rename={"sequential/batch_norm": "batch_normalization"})
+  _check_tiny({c: tree["sequential"] for c, tree in variables.items()}, weights)
+  assert "matched by the end of their path: sequential/conv2d <- conv2d, sequential/dense <- dense" in caplog.text
+  # The other way round: a flat model takes a nested file's layers.
+  _write_keras3(path, {f"backbone/{name}": layer for name, layer in weights.items()})
+  _check_tiny(load_keras_weights(path, _tiny_template(), rename={"batch_norm": "backbone/batch_normalization"}),
+              weights)
+  # Two equally good candidates: an error, not a guess.
+  _write_keras3(path, {"a/conv2d": weights["conv2d"], "b/conv2d": weights["conv2d"],
+                       "batch_normalization": weights["batch_normalization"], "dense": weights["dense"]})
+  with pytest.raises(DataError, match=r"ambiguous \(pass rename\): conv2d could be a/conv2d or b/conv2d"):
+    load_keras_weights(path, _tiny_template(), rename=RENAME, strict=False)
+
+
+def test_a_load_that_matches_too_little_is_an_error_naming_the_closest_layers(tmp_path):
+  weights = _tiny_weights()
+  initial = _tiny_model().init(jax.random.key(0), jnp.zeros((1, 6, 6, 2)))
+  path = tmp_path / "session.weights.h5"
+  # Keras' auto-names from a session that had built other models: nothing lines up.
+  _write_keras3(path, {"conv2d_7": weights["conv2d"], "batch_normalization_3": weights["batch_normalization"],
+                       "dense_2": weights["dense"]})
+  with pytest.raises(DataError, match=r"only 0 of the file's 3 layers with weights match the model "
+                                      r"\(min_fraction=0.5\); .*closest file names: conv2d ~ conv2d_7, "
+                                      r"batch_norm ~ batch_normalization_3, dense ~ dense_2; pass rename"):
+    load_keras_weights(path, initial, strict=False)
+  with pytest.raises(DataError, match=r"only 0 of the file's 3 layers"):
+    load_keras_weights(path, initial, strict=False, min_fraction=0.0)  # nothing at all is never a load
+  # Strict loads name the closest file layers too.
+  with pytest.raises(DataError, match=r"closest file names: conv2d ~ conv2d_7, batch_norm ~ "
+                                      r"batch_normalization_3, dense ~ dense_2$"):
+    load_keras_weights(path, initial)
+  # One layer of three is below the default half; a stated lower fraction accepts it.
+  _write_keras3(path, {"conv2d": weights["conv2d"], "bn": weights["batch_normalization"], "fc": weights["dense"]})
+  with pytest.raises(DataError, match=r"only 1 of the file's 3 layers .*batch_norm ~ bn"):
+    load_keras_weights(path, initial, strict=False)
+  variables = load_keras_weights(path, initial, strict=False, min_fraction=0.3)
+  np.testing.assert_array_equal(variables["params"]["conv2d"]["kernel"], weights["conv2d"][0])
+  np.testing.assert_array_equal(variables["params"]["dense"]["kernel"], initial["params"]["dense"]["kernel"])
+  for bad in (1.5, -0.1, "half", True):
+    with pytest.raises(ValueError, match=r"min_fraction: expected a number in \[0, 1\]"):
+      load_keras_weights(path, initial, strict=False, min_fraction=bad)
+  empty = tmp_path / "empty.weights.h5"
+  _write_keras3(empty, {})
+  with pytest.raises(DataError, match=r"empty.weights.h5: the file holds no layer with weights"):
+    load_keras_weights(empty, initial, strict=False)
+
+
+def _bn_safe_randomise(model, seed):
+  """_randomise, with every BatchNormalization's moving variance made positive."""
+  _randomise(model, seed)
+  for layer in model._flatten_layers():
+    if layer.__class__.__name__ == "BatchNormalization":
+      gamma, beta, mean, var = layer.get_weights()
+      layer.set_weights([gamma, beta, mean, np.abs(var) + 0.5])
+
+
+@pytest.mark.oracle
+def test_nested_keras_models_and_transfer_loads(tmp_path):
+  """Real Keras files: a nested model in every layout into the nested jaxcnn model (Keras' predictions)
+  and into a flat one; the backbone's own file under a new head (strict=False); Keras auto-names that
+  match nothing: an error naming the closest names."""
+  keras = _keras()
+  layers = keras.layers
+  backbone = keras.Sequential([keras.Input((8, 8, 3)), layers.Conv2D(4, 3, name="c1"),
+                               layers.BatchNormalization(name="bn"), layers.Activation("relu")], name="backbone")
+  model = keras.Sequential([keras.Input((8, 8, 3)), backbone, layers.Flatten(), layers.Dense(2, name="head")])
+  _bn_safe_randomise(model, 4)
+  x = np.random.default_rng(5).uniform(size=(3, 8, 8, 3)).astype(np.float32)
+  expected = np.asarray(model(x, training=False))
+
+  ours = Sequential([Sequential([Conv2D(4, 3, name="c1"), BatchNorm(name="bn"), Activation("relu")],
+                                name="backbone"), Flatten(), Dense(2, name="head")])
+  flat = Sequential([Conv2D(4, 3, name="c1"), BatchNorm(name="bn"), Activation("relu"), Flatten(),
+                     Dense(2, name="head")])
+  template = jax.eval_shape(ours.init, jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
+  flat_template = jax.eval_shape(flat.init, jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
+  for path in _save_all_layouts(keras, model, tmp_path):
+    assert sorted(read_keras_weights(path)) == ["backbone/bn", "backbone/c1", "head"], path
+    _check_predictions(jax.jit(ours.apply)(load_keras_weights(path, template), jnp.asarray(x)), expected)
+    _check_predictions(jax.jit(flat.apply)(load_keras_weights(path, flat_template), jnp.asarray(x)), expected)
+
+  # Transfer: the backbone's own file (layers "c1", "bn") under a new head.
+  backbone_path = tmp_path / "backbone.weights.h5"
+  backbone.save_weights(backbone_path)
+  initial = ours.init(jax.random.key(1), jnp.zeros((1, 8, 8, 3)))
+  moved = load_keras_weights(backbone_path, initial, strict=False)
+  np.testing.assert_array_equal(moved["params"]["backbone"]["c1"]["kernel"], backbone.get_weights()[0])
+  np.testing.assert_array_equal(moved["batch_stats"]["backbone"]["bn"]["var"], backbone.get_weights()[5])
+  np.testing.assert_array_equal(moved["params"]["head"]["kernel"], initial["params"]["head"]["kernel"])
+
+  # A model built with auto-names in a busy session: nothing lines up, and the error says what is close.
+  other = keras.Sequential([keras.Input((8, 8, 3)), layers.Conv2D(4, 3, name="conv2d_7"),
+                            layers.BatchNormalization(name="batch_normalization_3"), layers.Flatten(),
+                            layers.Dense(2, name="dense_2")])
+  other_path = tmp_path / "other.weights.h5"
+  other.save_weights(other_path)
+  plain = Sequential([Conv2D(4, 3), BatchNorm(), Flatten(), Dense(2)])
+  with pytest.raises(DataError, match=r"only 0 of the file's 3 layers with weights match the model .*"
+                                      r"conv2d ~ conv2d_7, batch_norm ~ batch_normalization_3, dense ~ dense_2"):
+    load_keras_weights(other_path, plain.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3))), strict=False)

@@ -90,9 +90,23 @@ def test_mnist_fast_cnn_pools_first_and_counts():
   assert result.non_trainable_params == 2 * (32 + 64 + 64 + 128)
 
 
-def test_cifar10_cnn_layers():
+def test_cifar10_cnn_is_the_keras_example_listing():
+  """keras examples/cifar10_cnn.py: the second convolution of each block is "valid"."""
   result = _summary("cifar10_cnn")
+  assert [row.type for row in result.rows] == [
+      "Conv2D", "Conv2D", "MaxPool2D", "Dropout", "Conv2D", "Conv2D", "MaxPool2D", "Dropout", "Flatten",
+      "Dense", "Dropout", "Dense"]
+  assert [row.output_shape for row in result.rows if row.type in ("Conv2D", "MaxPool2D", "Flatten")] == [
+      (None, 32, 32, 32), (None, 30, 30, 32), (None, 15, 15, 32), (None, 15, 15, 64), (None, 13, 13, 64),
+      (None, 6, 6, 64), (None, 2304)]
+  assert result.total_params == (conv(32, 3, 3) + conv(32, 3, 32) + conv(64, 3, 32) + conv(64, 3, 64)
+                                 + dense(6 * 6 * 64, 512) + dense(512, 10)) == 1_250_858
+
+
+def test_cifar10_cnn_same_pads_every_convolution():
+  result = _summary("cifar10_cnn_same")
   assert [row.type for row in result.rows].count("Dropout") == 3
+  assert [row.output_shape for row in result.rows if row.type == "Flatten"] == [(None, 8 * 8 * 64)]
   assert result.total_params == (conv(32, 3, 3) + conv(32, 3, 32) + conv(64, 3, 32) + conv(64, 3, 64)
                                  + dense(8 * 8 * 64, 512) + dense(512, 10)) == 2_168_362
 

@@ -159,7 +159,7 @@ def test_models_with_batch_norm_take_bn_kwargs():
 
 def test_names_lists_the_required_models():
   required = {"mnist_convnet", "lenet5", "keras_mnist_cnn", "mnist_bn_cnn", "mnist_fast_cnn", "cifar10_cnn",
-              "cifar_3conv", "vgg16", "resnet18", "resnet20", "conv_autoencoder", "airbench"}
+              "cifar10_cnn_same", "cifar_3conv", "vgg16", "resnet18", "resnet20", "conv_autoencoder", "airbench"}
   assert required <= set(models.names())
   assert models.names() == sorted(models.names())
 

@@ -36,9 +36,9 @@ def test_sigterm_checkpoints_exits_0_and_the_same_command_resumes(digits, tmp_pa
       if not line:
         break
       lines.append(line)
-      if line.startswith("epoch 1: loss"):  # mid-run: epoch 2 of 3 is starting
+      if line.startswith("epoch 1/3 loss="):  # mid-run: epoch 2 of 3 is starting
         break
-    assert any(l.startswith("epoch 1: loss") for l in lines), "".join(lines)
+    assert any(l.startswith("epoch 1/3 loss=") for l in lines), "".join(lines)
     proc.send_signal(signal.SIGTERM)
     signalled = time.monotonic()
     rest, _ = proc.communicate(timeout=EXIT_BOUND_S * 4)

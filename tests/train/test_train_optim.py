@@ -141,16 +141,14 @@ def test_maybe_initialize_distributed(monkeypatch):
     train.maybe_initialize_distributed()
 
 
-def test_progress_logs_one_line_per_report_and_can_be_silenced(caplog):
-  import logging
-  with caplog.at_level(logging.INFO):
-    progress = train.Progress("log", total_steps=8)
-    progress.report(4, 0, 2, {"loss": 0.5, "accuracy": 0.25})
-    progress.close()
-    quiet = train.Progress("none", total_steps=8)
-    quiet.report(8, 1, 2, {"loss": 0.25})
-    quiet.close()
-  lines = [r.getMessage() for r in caplog.records if r.name.startswith("jaxcnn")]
+def test_progress_logs_one_line_per_report_and_can_be_silenced(capsys):
+  progress = train.Progress("log", total_steps=8)
+  progress.report(4, 0, 2, {"loss": 0.5, "accuracy": 0.25})
+  progress.close()
+  quiet = train.Progress("none", total_steps=8)
+  quiet.report(8, 1, 2, {"loss": 0.25})
+  quiet.close()
+  lines = capsys.readouterr().out.splitlines()
   assert lines == ["step 4/8 epoch 1/2 loss=0.5000 accuracy=0.2500"]
   # Non-interactive runs (pytest captures stderr) get log lines, not a bar.
   assert train.Progress("auto", total_steps=1).mode == "log"
