@@ -117,7 +117,7 @@ def check_overrides(config, argv: list[str]) -> None:
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing with a bad value (e.g. --config.epochs=abc) reported as one line and exit 2."""
+  """absl flag parsing with a bad value (e.g. --config.train.epochs=abc) reported as one line and exit 2."""
   try:
     return flags.FLAGS(argv)
   except flags.Error as err:
