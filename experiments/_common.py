@@ -37,6 +37,28 @@ def is_primary() -> bool:
   return jax.process_index() == 0
 
 
+def primary_first(fn):
+  """fn() in process 0 first, then in the other processes of a job: a dataset directory the processes
+  share is prepared once (tfds preparation is not safe to run concurrently). An error of process 0 is
+  raised after the others have been released (they will meet the same missing or damaged files)."""
+  import jax
+  if jax.process_count() == 1:
+    return fn()
+  from jax.experimental import multihost_utils
+
+  from jaxcnn.errors import JaxcnnError
+  result, error = None, None
+  if is_primary():
+    try:
+      result = fn()
+    except JaxcnnError as err:
+      error = err
+  multihost_utils.sync_global_devices("jaxcnn: the data is prepared")
+  if error is not None:
+    raise error
+  return result if is_primary() else fn()
+
+
 def host_variables(state) -> dict:
   """{"params", "batch_stats"?} of a train state as host arrays (one replica, usable in any process)."""
   import jax

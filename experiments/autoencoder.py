@@ -83,7 +83,7 @@ def _load(config, split: str, count: int):
   """[0, 1] float32 images (N, 28, 28, 1) of a split of the MNIST files, the first `count` (0: all)."""
   from jaxcnn import data
   data_dir = config.data.data_dir or _runner.SHIPPED_DATA
-  images, _ = data.load_arrays("mnist", split, data_dir=data_dir, download=False)
+  images, _ = _common.primary_first(lambda: data.load_arrays("mnist", split, data_dir=data_dir, download=False))
   if count:
     if count > len(images):
       from jaxcnn.errors import ConfigError

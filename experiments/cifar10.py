@@ -103,8 +103,9 @@ def main(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
 
   # input: resolve once (raw dir -> prepared tfds -> download), then host arrays
   try:
-    resolved = data.resolve("cifar10", data_dir=config.data.data_dir or None,
-                            tfds_data_dir=config.data.tfds_data_dir or None, download=config.data.download)
+    resolved = _common.primary_first(lambda: data.resolve(
+        "cifar10", data_dir=config.data.data_dir or None, tfds_data_dir=config.data.tfds_data_dir or None,
+        download=config.data.download))
   except DataError as err:
     raise DataError(f"{err}. {_DATA_HINT}") from None
   train_images, train_labels = load_split(resolved, "train", config.data.train_examples)

@@ -131,8 +131,8 @@ def load_data(config: ml_collections.ConfigDict) -> Data:
   from jaxcnn.data import resolve
 
   data = config.data
-  resolved = resolve(data.dataset, data_dir=data.data_dir or None, tfds_data_dir=data.tfds_data_dir or None,
-                     download=data.download)
+  resolved = _common.primary_first(lambda: resolve(data.dataset, data_dir=data.data_dir or None,
+                                                   tfds_data_dir=data.tfds_data_dir or None, download=data.download))
   images, labels = resolved.read("train")
   test_images, test_labels = resolved.read("test")
   if data.train_examples:

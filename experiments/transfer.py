@@ -101,7 +101,7 @@ def _read(name: str, data_dir, download: bool, hint: str):
   from jaxcnn import data
   from jaxcnn.errors import DataError
   try:
-    resolved = data.resolve(name, data_dir=data_dir, download=download)
+    resolved = _common.primary_first(lambda: data.resolve(name, data_dir=data_dir, download=download))
     return resolved.read("train"), resolved.read("test"), list(resolved.class_names)
   except DataError as err:
     raise DataError(f"{err}; {hint}") from None

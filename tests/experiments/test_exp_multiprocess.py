@@ -27,10 +27,11 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _command(workdir, tiny) -> list[str]:
+def _command(workdir, tiny, tfds_dir) -> list[str]:
+  # Each run prepares the raw files in its own tfds dir (the two processes of a job share theirs).
   return [sys.executable, "-m", "experiments.mnist", f"--workdir={workdir}", "--config.model=mnist_convnet",
           f"--config.data.dataset={tiny['dataset']}", f"--config.data.data_dir={tiny['data_dir']}",
-          f"--config.data.tfds_data_dir={tiny['tfds_data_dir']}", "--config.data.download=False",
+          f"--config.data.tfds_data_dir={tfds_dir}", "--config.data.download=False",
           "--config.train.epochs=1", "--config.train.batch_size=32", "--config.train.validation_batch_size=32",
           "--config.eval_batch_size=32", "--config.train.log_every=3", "--config.train.warmup_steps=2",
           "--config.train.feed=host", "--config.train.heartbeat_timeout_s=30",
@@ -52,12 +53,12 @@ def _final_digest(workdir) -> dict:
 def test_two_process_command_equals_one_process_on_two_devices(tiny_digits, tmp_path):  # noqa: F811
   port = _free_port()
   two, one = tmp_path / "two", tmp_path / "one"
-  procs = [subprocess.Popen(_command(two, tiny_digits), cwd=REPO_ROOT, stdout=subprocess.PIPE,
+  procs = [subprocess.Popen(_command(two, tiny_digits, tmp_path / "tfds_two"), cwd=REPO_ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True,
                             env=_env(1, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
                                      JAX_PROCESS_ID=str(pid)))
            for pid in range(2)]
-  procs.append(subprocess.Popen(_command(one, tiny_digits), cwd=REPO_ROOT, stdout=subprocess.PIPE,
+  procs.append(subprocess.Popen(_command(one, tiny_digits, tmp_path / "tfds_one"), cwd=REPO_ROOT, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, env=_env(2)))
   deadline = time.monotonic() + TIMEOUT_S
   outputs = []
