@@ -146,3 +146,20 @@ def write_result(name: str, payload: dict, path: str | os.PathLike | None = None
   tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
   os.replace(tmp, out)
   return out
+
+
+def set_config_path(config, path: str, value, parser=None) -> None:
+  """config[a][b] = value for the dotted `path` "a.b" (a --set override); a parser error when it has no such key."""
+  *parents, leaf = path.split(".")
+  node = config
+  for part in parents:
+    if not hasattr(node, "keys") or part not in node:
+      node = None
+      break
+    node = node[part]
+  if node is None or not hasattr(node, "keys") or leaf not in node:
+    message = f"--set {path}: the config has no key {path!r}; top-level keys: {', '.join(sorted(config))}"
+    if parser is None:
+      raise KeyError(message)
+    parser.error(message)
+  setattr(node, leaf, value)

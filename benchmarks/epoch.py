@@ -1,6 +1,6 @@
 """End-to-end `experiments.mnist` run with its default config, compile time separated.
 
-    python -m benchmarks.epoch [--set epochs=1 --set model='"mnist_convnet"'] [--workdir DIR] [--out PATH]
+    python -m benchmarks.epoch [--set train.epochs=1 --set model='"mnist_convnet"'] [--workdir DIR] [--out PATH]
 
 Runs `experiments.mnist.main(get_config(), workdir)` in this fresh process and measures:
   wall_seconds       from this module's first line (before jax is imported) to the end of main: data
@@ -44,7 +44,7 @@ def _parse_override(text: str) -> tuple[str, object]:
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(prog="python -m benchmarks.epoch", description=__doc__.splitlines()[0])
   parser.add_argument("--set", dest="overrides", action="append", type=_parse_override, default=[],
-                      help="override a config key of experiments.mnist (repeatable), e.g. --set epochs=1")
+                      help="override a config key of experiments.mnist (repeatable), e.g. --set train.epochs=1")
   parser.add_argument("--workdir", default=None, help="run directory (default: a fresh temporary one)")
   parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/epoch.json)")
   args = parser.parse_args(argv)
@@ -62,9 +62,7 @@ def main(argv=None) -> dict:
   jax.monitoring.register_event_duration_secs_listener(listen)
   config = mnist.get_config()
   for key, value in args.overrides:
-    if key not in config:
-      parser.error(f"--set {key}: experiments.mnist's config has no key {key!r}; keys: {', '.join(sorted(config))}")
-    setattr(config, key, value)
+    _common.set_config_path(config, key, value, parser)
   workdir = pathlib.Path(args.workdir) if args.workdir else pathlib.Path(tempfile.mkdtemp(prefix="bench_epoch_"))
   machine = _common.machine_info()
   mnist.main(config, workdir)
@@ -72,6 +70,9 @@ def main(argv=None) -> dict:
 
   summary_path = workdir / "summary.json"
   summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+  flat = {**summary.get("results", {}), **summary.get("timing", {}), **summary.get("run", {})}
+  flat["batch_size"] = summary.get("config", {}).get("train", {}).get("batch_size")
+  summary = flat
   keys = ("test_accuracy", "train_seconds", "images_per_second", "epochs", "model", "batch_size")
   payload = {
       "benchmark": "epoch", "machine": {**machine, "load_average_end": _common.load_average()},

@@ -1,6 +1,6 @@
 """Accelerator-ready recipes (written for one H100; NOT measured here: no GPU was available).
 
-    python -m benchmarks.h100 mnist    [--workdir DIR] [--set key=value ...]
+    python -m benchmarks.h100 mnist    [--workdir DIR] [--set train.key=value ...]
     python -m benchmarks.h100 airbench --set data_dir='"DIR"' [--workdir DIR] [--set key=value ...]
 
 Both train in bfloat16 with float32 parameters, optimizer state and BatchNorm statistics
@@ -36,16 +36,16 @@ RECIPES = ("mnist", "airbench")
 
 
 def mnist_config() -> ml_collections.ConfigDict:
-  """experiments.mnist's default config, changed only where an accelerator wants it."""
+  """experiments.mnist's default config, changed only where an accelerator wants it (its `train` keys)."""
   from experiments import mnist
   config = mnist.get_config()
-  scale = 512 / config.batch_size
-  config.batch_size = 512
-  config.learning_rate = config.learning_rate * math.sqrt(scale)
-  if "warmup_steps" in config:
-    config.warmup_steps = max(1, int(config.warmup_steps / scale))
-  config.compute_dtype = "bfloat16"
-  config.log_every = 105  # ~one chunk (one lax.scan) per epoch of 54,000 / 512 steps
+  train = config.train
+  scale = 512 / train.batch_size
+  train.batch_size = 512
+  train.learning_rate = train.learning_rate * math.sqrt(scale)
+  train.warmup_steps = max(1, int(train.warmup_steps / scale))
+  train.compute_dtype = "bfloat16"
+  train.log_every = 105  # ~one chunk (one lax.scan) per epoch of 54,000 / 512 steps
   return config
 
 
@@ -134,10 +134,9 @@ def main(argv=None) -> dict:
   parser.add_argument("--workdir", default=None, help="run directory (default: a fresh temporary one)")
   args = parser.parse_args(argv)
   config = mnist_config() if args.recipe == "mnist" else airbench_config()
+  from benchmarks import _common
   for key, value in args.overrides:
-    if key not in config:
-      parser.error(f"--set {key}: the {args.recipe} recipe has no key {key!r}; keys: {', '.join(sorted(config))}")
-    setattr(config, key, value)
+    _common.set_config_path(config, key, value, parser)
   workdir = pathlib.Path(args.workdir) if args.workdir else pathlib.Path(tempfile.mkdtemp(prefix=f"h100_{args.recipe}_"))
   if args.recipe == "mnist":
     from experiments import mnist

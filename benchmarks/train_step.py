@@ -7,9 +7,12 @@ For each model, every contender trains the same architecture from identical init
 across and checked: the initial eval-mode logits agree) with Adam (lr 1e-3, eps 1e-8), softmax
 cross-entropy and the model's dropout/BatchNorm, on the same batches of random uint8 images:
 
-  jaxcnn scan       `fit`'s device-resident program: one jitted lax.scan over `steps` steps, batches
-                    drawn on device by the pipeline's batch_fn, state donated (how jaxcnn trains)
-  jaxcnn per-call   `fit`'s streaming program: one jitted call per step, state donated
+  jaxcnn scan       `fit`'s chunk program with device-resident data: one jitted lax.scan over `steps`
+                    steps, batches gathered on device by the pipeline's batch_fn, state donated
+  jaxcnn host-fed   the same chunk program fed from the host (streaming pipelines, several processes,
+                    pmap): the steps' rows read on the host, stacked and placed by the feed's
+                    background thread, then finished on device (the input cost included)
+  jaxcnn host-fed pre-placed  the host-fed program on a chunk placed beforehand: the step without input
   torch             torch.nn equivalent, NCHW, eager, torch.set_num_threads(<usable cores>)
   flax              the model written with flax.linen's nn.Conv / nn.max_pool / nn.Dense, one jitted
                     call per step (what a plain Flax user writes)
@@ -35,8 +38,9 @@ import optax
 from benchmarks import _common, _peers
 from jaxcnn import models
 from jaxcnn.data import from_arrays
-from jaxcnn.train import create_train_state, make_layout, make_steps
+from jaxcnn.train import create_train_state, make_steps, make_strategy
 from jaxcnn.train import loop as train_loop
+from jaxcnn.train.feed import HostFeed, ResidentFeed
 
 DEFAULT_MODELS = ("mnist_convnet", "cifar10_cnn_same", "mnist_bn_cnn")
 LEARNING_RATE = 1e-3
@@ -53,41 +57,56 @@ def _make_data(input_shape, batch: int, steps: int, seed: int):
 def _jaxcnn_contenders(model, data, steps: int, seed: int, contenders: dict, checks: dict, batches):
   config = dict(optimizer="adam", learning_rate=LEARNING_RATE, seed=seed, batch_size=data.batch_size,
                 log_every=steps)
-  layout = make_layout("auto", data.batch_size)
+  strategy = make_strategy("auto", data.batch_size)
   train_step, _ = make_steps(model)
-  fresh = lambda: layout.put_state(create_train_state(model, data.image_shape, config))  # noqa: E731
-  zero = lambda: train_loop._put_scalar(layout, jnp.zeros((), jnp.int32))  # noqa: E731
+  fresh = lambda: strategy.place_state(create_train_state(model, data.image_shape, config))  # noqa: E731
+  zero = lambda: strategy.place_state(jnp.zeros((), jnp.int32))  # noqa: E731
+  plan = [(0, steps)]
+  n = strategy.scalar(np.int32(steps))
 
-  # The same programs `fit` compiles: the chunk scan (device-resident data) and the per-batch step.
-  scan_fn = train_loop._compile_train(layout, train_step, data, steps, use_scan=True)
-  call_fn = train_loop._compile_train(layout, train_step, data, steps, use_scan=False)
-  arrays = layout.put_state(data.device_arrays())
-  placed = [layout.put_batch(b) for b in batches]
+  # The programs `fit` compiles: one chunk of `steps` steps, batches gathered on device (resident) or
+  # fed from the host (read + placed by the feed's background thread, then finished on device).
+  resident = ResidentFeed(data, strategy, steps)
+  host = HostFeed(data, strategy, steps)
+  scan_fn = train_loop._train_program(strategy, train_step, resident, steps, data.batch_size)
+  host_fn = train_loop._train_program(strategy, train_step, host, steps, data.batch_size)
+  placed = next(host.chunks(0, plan))
 
-  box = {"scan": fresh(), "call": fresh(), "bad": zero()}
-  initial = box["scan"]
-  checks["variables"] = jax.tree.map(np.asarray, initial.variables())
+  box = {"scan": fresh(), "host": fresh(), "placed": fresh(), "bad": zero()}
+  checks["variables"] = jax.tree.map(np.asarray, box["scan"].variables())
+
+  def replay(name):
+    # Each measurement replays the same epoch: rewind the data position (not timed).
+    box[name] = jax.block_until_ready(box[name].replace(epoch_step=jnp.zeros((), jnp.int32)))
 
   def run_scan():
-    # Each measurement replays the same epoch: rewind the data position (not timed).
-    box["scan"] = box["scan"].replace(epoch_step=jnp.zeros((), jnp.int32))
-    jax.block_until_ready(box["scan"])
+    replay("scan")
 
     def go():
-      box["scan"], box["bad"] = scan_fn(box["scan"], box["bad"], arrays, jnp.int32(steps))
+      box["scan"], box["bad"] = scan_fn(box["scan"], box["bad"], resident.constants, None, n)
       jax.block_until_ready(box["scan"])
     return _common.timed(go)
 
-  def run_call():
+  def run_host():
+    replay("host")
+
     def go():
-      state = box["call"]
-      for batch in placed:
-        state, box["bad"] = call_fn(state, box["bad"], batch)
-      box["call"] = jax.block_until_ready(state)
+      for xs in host.chunks(0, plan):
+        box["host"], box["bad"] = host_fn(box["host"], box["bad"], None, xs, n)
+      jax.block_until_ready(box["host"])
+    return _common.timed(go)
+
+  def run_placed():
+    replay("placed")
+
+    def go():
+      box["placed"], box["bad"] = host_fn(box["placed"], box["bad"], None, placed, n)
+      jax.block_until_ready(box["placed"])
     return _common.timed(go)
 
   contenders["jaxcnn scan"] = run_scan
-  contenders["jaxcnn per-call"] = run_call
+  contenders["jaxcnn host-fed"] = run_host
+  contenders["jaxcnn host-fed pre-placed"] = run_placed
 
 
 def _flax_contenders(specs, variables, batches, steps: int, seed: int, contenders: dict, with_scan: bool):
@@ -214,7 +233,7 @@ def bench_model(name: str, *, batch: int, steps: int, repeats: int, seed: int, p
         "percent_of_peak": 100.0 * stats["median"] * flops / 1e9 / peak_gflops,
     }
   torch_rates = rates["torch"]
-  for k in ("jaxcnn scan", "jaxcnn per-call", "flax"):
+  for k in ("jaxcnn scan", "jaxcnn host-fed", "jaxcnn host-fed pre-placed", "flax"):
     per_round = _common.per_round_ratios(rates[k], torch_rates)
     result["contenders"][k]["vs_torch"] = {
         "ratio_of_medians": _common.spread(rates[k])["median"] / _common.spread(torch_rates)["median"],

@@ -1,11 +1,13 @@
-"""What every experiment shares: flags, workdir, logging, error -> exit code, the run summary.
+"""How every experiment command runs: flags, the multi-process job, workdir, logging, error -> exit code.
 
-An experiment module defines `get_config()` (an ml_collections ConfigDict) and `main(config, workdir)`
-and ends with `if __name__ == "__main__": run(__name__, get_config, main)`. Then
+An experiment module defines `get_config()` (an ml_collections ConfigDict whose `train` is fit's config)
+and `main(config, workdir)` and ends with `if __name__ == "__main__": run(__name__, get_config, main)`.
+Then
 
   python -m experiments.<name> [--workdir=DIR] [--config.key=value ...]
 
-overrides any config value (as in the Flax examples and big_vision). Errors that jaxcnn raises on
+overrides any config value (as in the Flax examples and big_vision), e.g. `--config.train.weight_decay=1e-4`
+on every command. Several processes run the same command to form one job (see `run`). Errors that jaxcnn raises on
 purpose (`jaxcnn.errors.JaxcnnError`) are printed as one line, without a traceback, and the process exits
 with the error's code: 2 for bad data/config, 3 for a non-finite loss. Command-line mistakes (an unknown
 `--config.key`, a value of the wrong type, a stray argument) are config errors too: one line, exit 2.
@@ -67,24 +69,6 @@ def write_json(path: pathlib.Path, payload: dict[str, Any]) -> None:
   os.replace(tmp, path)
 
 
-def write_summary(workdir: pathlib.Path, experiment: str, config, results: dict[str, Any],
-                  started: float, figures) -> None:
-  """Writes workdir/summary.json: experiment name, config, device, results, wall time and figure names.
-
-  Args:
-    workdir: the run directory.
-    experiment: the experiment's name.
-    config: its ConfigDict.
-    results: the experiment's measured results.
-    started: `time.time()` at the start of `main`.
-    figures: the figures written (paths or names).
-  """
-  write_json(workdir / "summary.json", {
-      "experiment": experiment, "config": config.to_dict(), "device": device_info(),
-      "results": results, "wall_time_s": round(time.time() - started, 1),
-      "figures": [pathlib.Path(f).name for f in figures]})
-
-
 def _jsonable(value):
   try:
     import numpy as np
@@ -133,21 +117,62 @@ def check_overrides(config, argv: list[str]) -> None:
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing with a bad value (e.g. --config.epochs=abc) reported as one line and exit 2."""
+  """absl flag parsing with a bad value (e.g. --config.train.epochs=abc) reported as one line and exit 2."""
   try:
     return flags.FLAGS(argv)
   except flags.Error as err:
     _usage_error(str(err))
 
 
+def _join_job(config) -> None:
+  """Joins the multi-process job the environment describes (JAX_* variables, a TPU VM), first thing.
+
+  Uses the config's `train.distributed_init_timeout_s` / `train.heartbeat_timeout_s`. Afterwards only
+  process 0 prints: the other processes' stdout is discarded and their logs show warnings only (errors
+  still reach stderr from every process).
+  """
+  from jaxcnn.train import DEFAULTS, maybe_initialize_distributed
+  train = config.get("train", {}) if hasattr(config, "get") else {}
+  multi = maybe_initialize_distributed(
+      int(train.get("distributed_init_timeout_s", DEFAULTS["distributed_init_timeout_s"])),
+      int(train.get("heartbeat_timeout_s", DEFAULTS["heartbeat_timeout_s"])))
+  if multi:
+    import jax
+    if jax.process_index() != 0:
+      sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (for the life of the process)
+      logging.getLogger().setLevel(logging.WARNING)
+
+
+def _shared_workdir(name: str, given: str | None) -> pathlib.Path:
+  """The run directory: --workdir, else runs/<name>/<UTC timestamp> chosen by process 0 for every process."""
+  if given:
+    return pathlib.Path(given)
+  import jax
+  if jax.process_count() == 1:
+    return default_workdir(name)
+  import numpy as np
+  from jax.experimental import multihost_utils
+  stamp = int(multihost_utils.broadcast_one_to_all(np.int64(time.time())))
+  when = datetime.datetime.fromtimestamp(stamp, datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+  return pathlib.Path("runs") / name / when
+
+
 def run(name: str, get_config: Callable[[], Any], main: Callable[[Any, pathlib.Path], Any]) -> None:
-  """Parses flags, sets up logging and the workdir, calls `main(config, workdir)`, maps errors to exit codes."""
+  """Parses flags, joins a multi-process job, sets up logging and the workdir, calls `main(config, workdir)`,
+  maps errors to exit codes.
+
+  The job is joined before anything else touches a device (data, model summaries): every process of a
+  job runs this same command (the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID
+  variables, or a multi-host TPU VM, describe it). The workdir is created by the experiment only once
+  its config and data have been checked.
+  """
   module_name = name.rsplit(".", 1)[-1] if name != "__main__" else pathlib.Path(sys.argv[0]).stem
   default_config = get_config()
   check_overrides(default_config, sys.argv)
   config_flags.DEFINE_config_dict("config", default_config, f"{module_name} configuration.")
   flags.DEFINE_string("workdir", None, f"Run directory (default runs/{module_name}/<timestamp>); "
-                      "re-running with the same workdir resumes from its latest checkpoint.")
+                      "re-running with the same workdir resumes from its latest checkpoint. In a "
+                      "multi-process job: a directory every process can write (a shared file system).")
 
   def _main(argv):
     if len(argv) > 1:
@@ -156,12 +181,14 @@ def run(name: str, get_config: Callable[[], Any], main: Callable[[Any, pathlib.P
     for noisy in ("absl", "jax._src", "orbax", "tensorflow_datasets"):
       logging.getLogger(noisy).setLevel(logging.WARNING)
     config = flags.FLAGS.config
-    workdir = pathlib.Path(flags.FLAGS.workdir) if flags.FLAGS.workdir else default_workdir(module_name)
     try:
+      _join_job(config)
+      workdir = _shared_workdir(module_name, flags.FLAGS.workdir)
       main(config, workdir)
     except errors.JaxcnnError as err:
       # Exit code 0 is a clean stop (a preempted run saved its checkpoint), not an error.
       print(f"error: {err}" if err.exit_code else str(err), file=sys.stderr)
+      sys.stdout.flush()
       sys.exit(err.exit_code)
     except KeyboardInterrupt:
       print("interrupted", file=sys.stderr)

@@ -1,6 +1,6 @@
 """Cats vs dogs (or any class-per-folder image set) at 64x64, as in the textbook.
 
-    python -m experiments.cats_vs_dogs --config.data_dir=DIR [--workdir=DIR] [--config.epochs=25]
+    python -m experiments.cats_vs_dogs --config.data.data_dir=DIR [--workdir=DIR] [--config.train.epochs=25]
 
 The data is an image folder you provide (it does not ship with the repo):
 
@@ -9,7 +9,7 @@ The data is an image folder you provide (it does not ship with the repo):
 
 (class names are the subfolder names, sorted; any image format PIL reads; files that do not decode are
 skipped and reported). E.g. Kaggle's "Dogs vs. Cats" images sorted into these folders. Without
---config.data_dir, or with a folder in another layout, the run stops with exit code 2 and this layout.
+--config.data.data_dir, or with a folder in another layout, the run stops with exit code 2 and this layout.
 
 Recipe (the textbook's Keras CNN): images resized to 64x64 and rescaled to [0, 1]; Conv2D(32, 3, relu)
 -> MaxPool2D(2) -> Conv2D(32, 3, relu) -> MaxPool2D(2) -> Flatten -> Dense(128, relu) -> Dense(classes);
@@ -26,36 +26,33 @@ resumes).
 """
 from __future__ import annotations
 
-import logging
 import pathlib
 import time
 
 import ml_collections
 
-from experiments import _runner
+from experiments import _common, _runner
+from jaxcnn.train import default_config
 
 LAYOUT = ("lay the images out as DIR/train/<class>/<images> and DIR/test/<class>/<images>, one subfolder per "
           "class (e.g. DIR/train/cats/1.jpg, DIR/train/dogs/2.jpg, DIR/test/cats/3.jpg, DIR/test/dogs/4.jpg), "
-          "and pass --config.data_dir=DIR")
+          "and pass --config.data.data_dir=DIR")
 
 
 def get_config() -> ml_collections.ConfigDict:
   """The defaults of the run; every key can be overridden with --config.<key>=<value>."""
   config = ml_collections.ConfigDict()
-  config.data_dir = ""            # the image folder (required): DIR/train/<class>/..., DIR/test/<class>/...
-  config.image_size = 64          # images are resized to image_size x image_size
-  config.epochs = 25
-  config.batch_size = 32
-  config.eval_batch_size = 100
-  config.optimizer = "adam"
-  config.learning_rate = 1e-3
-  config.zoom_range = 0.2
-  config.horizontal_flip = True
-  config.filters = 32             # filters of both convolutions
-  config.dense_units = 128
-  config.seed = 0
-  config.log_every = 50           # steps between progress reports (and host syncs)
-  config.feature_map_index = 0    # the test image whose feature maps are drawn (mnist.save_figures)
+  config.data = ml_collections.ConfigDict(dict(
+      data_dir="",            # the image folder (required): DIR/train/<class>/..., DIR/test/<class>/...
+      image_size=64,          # images are resized to image_size x image_size
+  ))
+  config.model_kwargs = ml_collections.ConfigDict(dict(filters=32, dense_units=128))  # see build_model
+  # jaxcnn.train.fit's config, passed unchanged; the image-folder pipelines are built from its batch size,
+  # seed, normalize and augmentation keys (x/255, zoom 0.2, horizontal flips)
+  config.train = default_config(epochs=25, batch_size=32, optimizer="adam", learning_rate=1e-3, normalize="scale",
+                                zoom_range=0.2, horizontal_flip=True, log_every=50)
+  config.eval_batch_size = 100    # test images per batch
+  config.feature_map_index = 0    # the test image whose feature maps are drawn
   return config
 
 
@@ -76,21 +73,28 @@ def build_model(num_classes: int, filters: int = 32, dense_units: int = 128):
 
 
 def load_data(config: ml_collections.ConfigDict):
-  """(train, test) pipelines over the image folder; DataError with the expected layout when it is wrong."""
-  from jaxcnn import data
+  """(train, test) pipelines over the image folder; DataError with the expected layout when it is wrong.
+
+  Both are built from config.train's batch size, seed, normalize and augmentation keys (the test one
+  without augmentation, with the training statistics), so fit finds them as its config describes. The
+  test pipeline covers every test image in every process (for the predictions of any process).
+  """
+  from jaxcnn import data, train
   from jaxcnn.errors import DataError
-  if not config.data_dir:
+  fit_config = train.validate_config(config.train)
+  if not config.data.data_dir:
     raise DataError(f"cats_vs_dogs: no image folder given; {LAYOUT}")
-  root = pathlib.Path(config.data_dir).expanduser()
-  size = (config.image_size, config.image_size)
-  augment = data.AugmentConfig(zoom_range=config.zoom_range, horizontal_flip=config.horizontal_flip)
+  root = pathlib.Path(config.data.data_dir).expanduser()
+  size = (config.data.image_size, config.data.image_size)
   try:
     if not (root / "train").is_dir() or not (root / "test").is_dir():
       raise DataError(f"{root}: expected 'train' and 'test' subfolders")
-    train_data = data.make_pipeline(str(root), "train", batch_size=config.batch_size, seed=config.seed,
-                                    augment=augment, normalize="scale", image_size=size)
-    test_data = data.make_pipeline(str(root), "test", batch_size=config.eval_batch_size, seed=config.seed,
-                                   normalize="scale", image_size=size)
+    train_data = data.make_pipeline(str(root), "train", batch_size=fit_config.batch_size, seed=fit_config.seed,
+                                    augment=train.augment_config(fit_config), normalize=fit_config.normalize,
+                                    image_size=size)
+    test_data = data.make_pipeline(str(root), "test", batch_size=config.eval_batch_size, seed=fit_config.seed,
+                                   normalize=fit_config.normalize, stats=train_data.stats, image_size=size,
+                                   process_index=0, process_count=1)
   except DataError as err:
     raise DataError(f"{err}; {LAYOUT}") from None
   return train_data, test_data
@@ -98,32 +102,31 @@ def load_data(config: ml_collections.ConfigDict):
 
 def main(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
   """Trains the CNN on the image folder, evaluates it on the test folder, writes the summary and figures."""
-  from experiments import mnist
-  from jaxcnn import train
-  started = time.time()
+  started = time.perf_counter()
   workdir = pathlib.Path(workdir)
 
   train_data, test_data = load_data(config)
-  workdir.mkdir(parents=True, exist_ok=True)
-  model = build_model(train_data.num_classes, config.filters, config.dense_units)
-  fit_config = dict(epochs=config.epochs, batch_size=config.batch_size, optimizer=config.optimizer,
-                    learning_rate=config.learning_rate, seed=config.seed, log_every=config.log_every)
-  result = train.fit(model, train_data, config=fit_config, workdir=workdir, val_data=test_data)
+  model = build_model(train_data.num_classes, **config.model_kwargs.to_dict())
+  result, run, timing = _common.fit(model, train_data, config=config.train, workdir=workdir, val_data=test_data)
 
-  variables = result.state.variables()
-  evaluation = mnist.predict(model, variables, test_data)
+  variables = _common.host_variables(result.state)
+  evaluation = _common.predict_pipeline(model, variables, test_data)
   class_names = list(train_data.class_names)
-  figures = mnist.save_figures(workdir, result.history, model, variables, evaluation, class_names, config,
-                               title=f"{' vs '.join(class_names)} {config.image_size}x{config.image_size}")
-  results = {"test_accuracy": evaluation["accuracy"], "test_loss": evaluation["loss"],
-             "test_examples": evaluation["count"], "train_examples": int(train_data.num_examples),
-             "class_names": class_names, "epochs_completed": len(result.history.get("epoch", [])),
-             "skipped_files": len(getattr(train_data, "skipped", []) or []) + len(
-                 getattr(test_data, "skipped", []) or [])}
-  logging.info("test accuracy %.4f (loss %.4f) on %d images", evaluation["accuracy"], evaluation["loss"],
-               evaluation["count"])
-  _runner.write_summary(workdir, "cats_vs_dogs", config, results, started, figures)
-  return results
+  print(f"test accuracy {evaluation['accuracy']:.4f} (loss {evaluation['loss']:.4f}) on {evaluation['count']} images")
+  figures = []
+  if _common.is_primary():
+    size = config.data.image_size
+    figures = _common.save_classifier_figures(workdir, result.history, model, variables, evaluation, class_names,
+                                              title=f"{' vs '.join(class_names)} {size}x{size}",
+                                              feature_map_index=config.feature_map_index)
+  skipped = len(getattr(train_data, "skipped", []) or []) + len(getattr(test_data, "skipped", []) or [])
+  return _common.write_summary(
+      workdir, experiment="cats_vs_dogs", config=config,
+      results={"test_accuracy": evaluation["accuracy"], "test_loss": evaluation["loss"],
+               "class_names": class_names, "skipped_files": skipped},
+      data={"source": f"image folder {config.data.data_dir}", "train_examples": result.data["train_examples"],
+            "validation_examples": result.data["validation_examples"], "test_examples": evaluation["count"]},
+      run=run, timing=timing, figures=figures, started=started)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Transfer learning: the textbook's four cases (small/large target data x similar/different domain).
 
-    python -m experiments.transfer [--workdir=DIR] [--config.fashion_data_dir=DIR]
+    python -m experiments.transfer [--workdir=DIR] [--config.data.fashion_data_dir=DIR]
 
 A CNN (`mnist_convnet`: conv2d -> conv2d_1 -> dense head) is pretrained on the MNIST digits 0-4 (the
 source task), then transferred, with a new randomly initialised head, to two targets:
@@ -19,22 +19,13 @@ training engine's optimizer path mask (`freeze` regexes over parameter paths, `o
   large + different   fine-tune everything
 
 Every case is compared with the same network trained from scratch on the same target data
-(`baselines`). Data: MNIST ships with the repo; Fashion-MNIST comes from `--config.fashion_data_dir=`,
+(`baselines`). Data: MNIST ships with the repo; Fashion-MNIST comes from `--config.data.fashion_data_dir=`,
 else $JAXCNN_DATA_DIR, else /usr/share/datasets/fashion-mnist (Debian's dataset-fashion-mnist),
 else a prepared or downloaded tfds copy; without it the "different" cases stop with exit code 2.
 
-Measured with the defaults (pretraining: 30,596 MNIST 0-4 images, 2 epochs, source test accuracy
-0.995; Adam 1e-3, batch 64; test sets: 4,861 MNIST 5-9 digits, 10,000 Fashion-MNIST images):
-
-  case               train images  epochs  trained                 transferred  from scratch
-  small + similar        1,000       10    head only                 0.959        0.949
-  large + similar       12,000        2    everything                0.987        0.981
-  small + different      1,000       10    early layer frozen        0.788        0.761
-  large + different     12,000        2    everything                0.828        0.811
-
-Frozen layers ended bit-identical to the pretrained ones in every case (summary.json:
-frozen_max_change 0.0). The whole run (pretraining, four cases, four scratch baselines) took 458 s wall
-on a 2-core CPU shared with other jobs.
+Transferred weights beat training from scratch in every case (benchmarks/README.md, "Experiments",
+has the measured table), and frozen layers end bit-identical to the pretrained ones (summary.json:
+frozen_max_change 0.0).
 
 Outputs in the workdir: summary.json (per case: test accuracy, scratch accuracy, frozen parameters and
 the proof that they did not move), pretrain/ and <case>/ run directories (history.json, checkpoints),
@@ -43,14 +34,14 @@ run from its checkpoints.
 """
 from __future__ import annotations
 
-import logging
 import pathlib
 import time
 
 import ml_collections
 import numpy as np
 
-from experiments import _runner
+from experiments import _common, _runner
+from jaxcnn.train import default_config
 
 # (case name, target domain, data size, what is trained)
 CASES = {
@@ -68,27 +59,40 @@ _SOURCE_CLASSES = (0, 1, 2, 3, 4)
 def get_config() -> ml_collections.ConfigDict:
   """The defaults of the run; every key can be overridden with --config.<key>=<value>."""
   config = ml_collections.ConfigDict()
-  config.mnist_data_dir = ""        # raw MNIST IDX dir; "" = the files shipped in experiments/data
-  config.fashion_data_dir = ""      # raw Fashion-MNIST IDX dir; "" = $JAXCNN_DATA_DIR, system dirs, tfds
-  config.download = True            # allow a tfds catalog download of Fashion-MNIST when nothing is local
-  config.cases = ",".join(CASES)    # comma-separated subset of the four cases
+  config.data = ml_collections.ConfigDict(dict(
+      mnist_data_dir="",        # raw MNIST IDX dir; "" = the files shipped in experiments/data
+      fashion_data_dir="",      # raw Fashion-MNIST IDX dir; "" = $JAXCNN_DATA_DIR, system dirs, tfds
+      download=True,            # allow a tfds catalog download of Fashion-MNIST when nothing is local
+      pretrain_examples=0,      # source (MNIST 0-4) training images, 0 = all (~30,600)
+      small_examples=1000,
+      large_examples=12000,
+      test_examples=0,          # first N source and target test images (0 = all)
+  ))
   config.model = "mnist_convnet"
+  config.cases = ",".join(CASES)    # comma-separated subset of the four cases
   config.head_layer = "dense"       # the layer replaced by a new, randomly initialised head
   config.early_layers = "conv2d"    # comma-separated layers frozen in the "late" (small + different) case
-  config.pretrain_examples = 0      # source (MNIST 0-4) training images, 0 = all (~30,600)
-  config.pretrain_epochs = 2
-  config.small_examples = 1000
-  config.large_examples = 12000
+  config.pretrain_epochs = 2        # each run's config.train.epochs
   config.small_epochs = 10          # equal-ish step counts: the small set is seen more often
   config.large_epochs = 2
-  config.test_examples = 0          # first N source and target test images (0 = all)
   config.baselines = True           # also train each case from scratch, for comparison
-  config.batch_size = 64
-  config.optimizer = "adam"
-  config.learning_rate = 1e-3
-  config.seed = 0
-  config.log_every = 100
+  # jaxcnn.train.fit's config of every run; the recipe sets each run's `epochs` (above) and each case's
+  # `freeze` (its rule), so those two keys stay at their defaults here. x/255 for every domain: the
+  # pretrained filters see target images on the scale they were trained on.
+  config.train = default_config(batch_size=64, optimizer="adam", learning_rate=1e-3, normalize="scale",
+                                log_every=100)
   return config
+
+
+def check_config(config) -> None:
+  """ConfigError for the keys the recipe sets itself, given anyway (they would be silently replaced)."""
+  from jaxcnn.errors import ConfigError
+  from jaxcnn.train import DEFAULTS, validate_config
+  fit_config = validate_config(config.train)
+  for key, instead in (("epochs", "pretrain_epochs, small_epochs, large_epochs"), ("freeze", "cases")):
+    if fit_config[key] != DEFAULTS[key]:
+      raise ConfigError(f"config: train.{key}={fit_config[key]!r}: this experiment sets each run's {key} "
+                        f"(use {instead})")
 
 
 # -- data ---------------------------------------------------------------------------------------------
@@ -97,7 +101,7 @@ def _read(name: str, data_dir, download: bool, hint: str):
   from jaxcnn import data
   from jaxcnn.errors import DataError
   try:
-    resolved = data.resolve(name, data_dir=data_dir, download=download)
+    resolved = _common.primary_first(lambda: data.resolve(name, data_dir=data_dir, download=download))
     return resolved.read("train"), resolved.read("test"), list(resolved.class_names)
   except DataError as err:
     raise DataError(f"{err}; {hint}") from None
@@ -120,8 +124,8 @@ def load_tasks(config: ml_collections.ConfigDict, domains) -> dict:
   Fashion-MNIST. Raises DataError (with where to put the files) when a dataset is missing.
   """
   (train_x, train_y), (test_x, test_y), names = _read(
-      "mnist", config.mnist_data_dir or _runner.SHIPPED_DATA, False,
-      "for experiments.transfer pass --config.mnist_data_dir=DIR with the four MNIST IDX files")
+      "mnist", config.data.mnist_data_dir or _runner.SHIPPED_DATA, False,
+      "for experiments.transfer pass --config.data.mnist_data_dir=DIR with the four MNIST IDX files")
   source_train = np.isin(train_y, _SOURCE_CLASSES)
   source_test = np.isin(test_y, _SOURCE_CLASSES)
   tasks = {"source": {"train": (train_x[source_train], train_y[source_train]),
@@ -134,8 +138,8 @@ def load_tasks(config: ml_collections.ConfigDict, domains) -> dict:
                         "class_names": [n for i, n in enumerate(names) if i not in _SOURCE_CLASSES]}
   if "different" in domains:
     train, test, fashion_names = _read(
-        "fashion_mnist", config.fashion_data_dir or None, config.download,
-        "for experiments.transfer pass --config.fashion_data_dir=DIR holding train-images-idx3-ubyte.gz, "
+        "fashion_mnist", config.data.fashion_data_dir or None, config.data.download,
+        "for experiments.transfer pass --config.data.fashion_data_dir=DIR holding train-images-idx3-ubyte.gz, "
         "train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz of Fashion-MNIST "
         "(or install Debian's dataset-fashion-mnist), or run only the similar cases with "
         "--config.cases=small_similar,large_similar")
@@ -200,33 +204,24 @@ def _max_change(before: dict, after: dict, layers) -> float:
 
 # -- runs ---------------------------------------------------------------------------------------------
 
-def _pipelines(task: dict, count: int, test_count: int, config, what: str):
-  from jaxcnn import data
-  train_x, train_y = _take(*task["train"], count, what)
-  test_x, test_y = _take(*task["test"], test_count, "test_examples")
-  num_classes = len(task["class_names"])
-  # x/255 for every domain: the pretrained filters see target images on the scale they were trained on.
-  train = data.from_arrays(train_x, train_y, batch_size=config.batch_size, seed=config.seed, normalize="scale",
-                           num_classes=num_classes)
-  test = data.from_arrays(test_x, test_y, batch_size=config.batch_size, seed=config.seed, shuffle=False,
-                          normalize="scale", num_classes=num_classes)
-  return train, test
+def _arrays(task: dict, count: int, test_count: int, what: str):
+  """((train images, labels), (test images, labels)) of a task, the first `count` / `test_count` (0: all)."""
+  return _take(*task["train"], count, what), _take(*task["test"], test_count, "data.test_examples")
 
 
-def _fit(model, train_data, test_data, config, epochs: int, workdir, freeze=(), initial_params=None):
-  """fit with the run's optimizer settings; `initial_params` (pretrained) replace the fresh ones."""
-  from jaxcnn import train
-  fit_config = dict(epochs=epochs, batch_size=config.batch_size, optimizer=config.optimizer,
-                    learning_rate=config.learning_rate, seed=config.seed, log_every=config.log_every,
-                    freeze=tuple(freeze))
+def _fit(model, train, test, config, epochs: int, workdir, freeze=(), initial_params=None):
+  """fit with config.train, this run's epochs and freeze; `initial_params` (pretrained) replace the fresh
+  ones (fit keeps them and starts the config's optimizer). Returns (result, test accuracy)."""
+  from jaxcnn import train as train_lib
+  fit_config = {**config.train.to_dict(), "epochs": epochs, "freeze": tuple(freeze)}
   initial_state = None
   if initial_params is not None:
-    state = train.create_train_state(model, train_data.image_shape, fit_config,
-                                     total_steps=epochs * train_data.steps_per_epoch)
-    initial_state = state.replace(params=initial_params, opt_state=state.tx.init(initial_params))
-  result = train.fit(model, train_data, config=fit_config, workdir=workdir, val_data=test_data,
-                     initial_state=initial_state)
-  accuracy = train.evaluate(result.state, model, test_data)["accuracy"]
+    state = train_lib.create_train_state(model, train[0].shape[1:], fit_config)
+    initial_state = state.replace(params=initial_params)
+  result = train_lib.fit(model, train, config=fit_config, workdir=workdir, val_data=test,
+                         initial_state=initial_state)
+  accuracy = train_lib.evaluate(_common.host_variables(result.state), model, test,
+                                preprocessing=result.preprocessing)["accuracy"]
   return result, accuracy
 
 
@@ -260,34 +255,33 @@ def plot_cases(path, cases: dict, *, title: str) -> None:
 
 
 def main(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
-  """Pretrains on the source, runs each requested case (and its scratch baseline); returns the results."""
+  """Pretrains on the source, runs each requested case (and its scratch baseline); returns the summary."""
   import jax
   import jax.numpy as jnp
 
   from jaxcnn import models
   from jaxcnn.errors import ConfigError
-  started = time.time()
+  started = time.perf_counter()
   workdir = pathlib.Path(workdir)
   cases = [c.strip() for c in str(config.cases).split(",") if c.strip()]
   unknown = [c for c in cases if c not in CASES]
   if unknown or not cases:
     raise ConfigError(f"config: cases={config.cases!r}: expected a comma-separated subset of {', '.join(CASES)}")
+  check_config(config)
   early_layers = tuple(layer.strip() for layer in str(config.early_layers).split(",") if layer.strip())
   tasks = load_tasks(config, {CASES[c][0] for c in cases})
   for name in cases:  # sizes are checked before anything is trained
     domain, size, _ = CASES[name]
-    _take(*tasks[domain]["train"], config[f"{size}_examples"], f"{size}_examples")
-  workdir.mkdir(parents=True, exist_ok=True)
+    _take(*tasks[domain]["train"], config.data[f"{size}_examples"], f"data.{size}_examples")
 
   # source: pretrain on MNIST digits 0-4
-  source_train, source_test = _pipelines(tasks["source"], config.pretrain_examples, config.test_examples,
-                                         config, "pretrain_examples")
+  source_train, source_test = _arrays(tasks["source"], config.data.pretrain_examples, config.data.test_examples,
+                                      "data.pretrain_examples")
   source_model = models.get(config.model, num_classes=len(tasks["source"]["class_names"]))
-  logging.info("pretraining %s on MNIST digits 0-4 (%d images)", config.model, source_train.num_examples)
+  print(f"pretraining {config.model} on MNIST digits 0-4 ({len(source_train[0])} images)")
   pretrained, source_accuracy = _fit(source_model, source_train, source_test, config, config.pretrain_epochs,
                                      workdir / "pretrain")
-  # Host copies: fit donates the device buffers of the states it is given.
-  pretrained_params = jax.device_get(pretrained.state.params)
+  pretrained_params = _common.host_variables(pretrained.state)["params"]
   if config.head_layer not in pretrained_params:
     raise ConfigError(f"config: head_layer={config.head_layer!r} is not a layer of {config.model} (its layers: "
                       f"{', '.join(pretrained_params)})")
@@ -296,42 +290,44 @@ def main(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
   results = {}
   for name in cases:
     domain, size, trained = CASES[name]
-    count = config.small_examples if size == "small" else config.large_examples
+    count = config.data.small_examples if size == "small" else config.data.large_examples
     epochs = config.small_epochs if size == "small" else config.large_epochs
-    train_data, test_data = _pipelines(tasks[domain], count, config.test_examples, config,
-                                       f"{size}_examples")
+    train_arrays, test_arrays = _arrays(tasks[domain], count, config.data.test_examples, f"data.{size}_examples")
     model = models.get(config.model, num_classes=len(tasks[domain]["class_names"]))
-    fresh = model.init(jax.random.key(config.seed), jnp.zeros((1, *train_data.image_shape)))["params"]
+    fresh = model.init(jax.random.key(config.train.seed), jnp.zeros((1, *train_arrays[0].shape[1:])))["params"]
     source_like = jax.device_get(transplant(pretrained_params, fresh, config.head_layer))
     freeze = freeze_patterns(source_like, trained, config.head_layer, early_layers)
-    logging.info("%s: %d %s images, %d epochs, frozen: %s", name, train_data.num_examples, domain, epochs,
-                 ", ".join(freeze) or "nothing")
-    result, accuracy = _fit(model, train_data, test_data, config, epochs, workdir / name, freeze=freeze,
+    print(f"{name}: {len(train_arrays[0])} {domain} images, {epochs} epochs, frozen: {', '.join(freeze) or 'nothing'}")
+    result, accuracy = _fit(model, train_arrays, test_arrays, config, epochs, workdir / name, freeze=freeze,
                             initial_params=source_like)
+    final_params = _common.host_variables(result.state)["params"]
     frozen_layers = [p.split("/")[0] for p in freeze]
     trained_layers = [layer for layer in source_like if layer not in frozen_layers]
     entry = {"domain": domain, "size": size, "trained": trained, "what": _TRAINED[trained],
-             "frozen_layers": frozen_layers, "train_examples": int(train_data.num_examples),
-             "test_examples": int(test_data.num_examples), "epochs": epochs, "test_accuracy": accuracy,
+             "frozen_layers": frozen_layers, "train_examples": int(len(train_arrays[0])),
+             "test_examples": int(len(test_arrays[0])), "epochs": epochs, "test_accuracy": accuracy,
              # the proof that freezing held: frozen layers end exactly where the pretrained ones were
-             "frozen_max_change": _max_change(source_like, result.state.params, frozen_layers),
-             "trained_max_change": _max_change(source_like, result.state.params, trained_layers),
+             "frozen_max_change": _max_change(source_like, final_params, frozen_layers),
+             "trained_max_change": _max_change(source_like, final_params, trained_layers),
              "scratch_accuracy": None}
     if config.baselines:
-      _, entry["scratch_accuracy"] = _fit(model, train_data, test_data, config, epochs,
+      _, entry["scratch_accuracy"] = _fit(model, train_arrays, test_arrays, config, epochs,
                                           workdir / f"{name}_scratch")
-    logging.info("%s: test accuracy %.4f (scratch %s)", name, accuracy,
-                 "-" if entry["scratch_accuracy"] is None else f"{entry['scratch_accuracy']:.4f}")
+    print(f"{name}: test accuracy {accuracy:.4f} (scratch "
+          f"{'-' if entry['scratch_accuracy'] is None else format(entry['scratch_accuracy'], '.4f')})")
     results[name] = entry
 
-  plot_cases(workdir / "transfer.png", results,
-             title=f"Transfer from MNIST 0-4 ({config.model}, source test accuracy {source_accuracy:.3f})")
-  summary = {"experiment": "transfer", "config": config.to_dict(), "device": _runner.device_info(),
-             "results": {"source_test_accuracy": source_accuracy,
-                         "source_train_examples": int(source_train.num_examples), "cases": results},
-             "wall_time_s": round(time.time() - started, 1), "figures": ["transfer.png"]}
-  _runner.write_json(workdir / "summary.json", summary)
-  return summary["results"]
+  figures = []
+  if _common.is_primary():
+    plot_cases(workdir / "transfer.png", results,
+               title=f"Transfer from MNIST 0-4 ({config.model}, source test accuracy {source_accuracy:.3f})")
+    figures.append(workdir / "transfer.png")
+  return _common.write_summary(
+      workdir, experiment="transfer", config=config,
+      results={"source_test_accuracy": source_accuracy, "cases": results},
+      data={"source": "mnist (digits 0-4 -> 5-9), fashion_mnist", "train_examples": int(len(source_train[0])),
+            "test_examples": int(len(source_test[0]))},
+      figures=figures, started=started)
 
 
 if __name__ == "__main__":

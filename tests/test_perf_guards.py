@@ -215,7 +215,7 @@ def test_compute_dtype_is_validated():
 def test_accelerator_recipes_are_valid_fit_configs():
   from benchmarks import h100
   mnist = h100.mnist_config()
-  assert mnist.compute_dtype == "bfloat16" and mnist.batch_size == 512
+  assert mnist.train.compute_dtype == "bfloat16" and mnist.train.batch_size == 512
   airbench = h100.airbench_config()
   fit_keys = {k: airbench[k] for k in airbench if k in train.DEFAULTS}
   assert train.validate_config(fit_keys).compute_dtype == "bfloat16"

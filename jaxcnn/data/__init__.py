@@ -14,14 +14,15 @@ from __future__ import annotations
 
 from jaxcnn.data.augment import AugmentConfig, augment_batch, compute_stats
 from jaxcnn.data.folder import ImageFolder, image_folder
-from jaxcnn.data.pipeline import (ArraySource, InputPipeline, ResidentPipeline, StreamingPipeline,
-                                  from_arrays)
+from jaxcnn.data.pipeline import (PREPROCESSING_FORMAT, ArraySource, InputPipeline, ResidentPipeline,
+                                  StreamingPipeline, check_preprocessing, from_arrays, preprocess)
 from jaxcnn.data.datasets import Resolved, load_arrays, make_pipeline, resolve, split_validation
 from jaxcnn.data.specs import DatasetSpec
 
 __all__ = [
     "AugmentConfig", "augment_batch", "compute_stats",
-    "ArraySource", "InputPipeline", "ResidentPipeline", "StreamingPipeline", "from_arrays",
+    "ArraySource", "InputPipeline", "PREPROCESSING_FORMAT", "ResidentPipeline", "StreamingPipeline",
+    "check_preprocessing", "from_arrays", "preprocess",
     "ImageFolder", "image_folder",
     "Resolved", "load_arrays", "make_pipeline", "resolve", "split_validation",
     "DatasetSpec",

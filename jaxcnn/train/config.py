@@ -1,7 +1,9 @@
 """The training configuration: every key `fit` reads, its default, and up-front validation.
 
-`validate_config(config)` fills defaults and checks every value before anything is compiled, so a
-typo or a bad value fails in a second with a ConfigError naming the key, not an hour into training.
+`DEFAULTS` is fit's whole config: every key, its default, in the order data flows. `validate_config`
+fills defaults and checks every value before anything is compiled, so a typo or a bad value fails in a
+second with a ConfigError naming the key, not an hour into training. `default_config(**overrides)` is
+the same as a ConfigDict, what every experiment's `config.train` is built from.
 """
 from __future__ import annotations
 
@@ -18,15 +20,30 @@ SCHEDULES = ("constant", "cosine", "warmup_cosine", "exponential", "piecewise")
 PARALLEL = ("auto", "jit", "pmap", "none")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
-# Every key fit understands, with its default. None means "not set" where the key says so.
+# Every key fit understands, with its default, in the order data flows. None means "not set" where the key
+# says so. docs/DESIGN.md ("Training config") explains the groups.
 DEFAULTS: dict[str, Any] = dict(
-    epochs=1,                       # passes over the training data
+    # data: how (inputs, targets) arrays become batches (a pipeline given to fit brings its own)
+    epochs=1,                       # epochs to train: from scratch, or more on top of initial_state's
     batch_size=None,                # global batch; None: the pipeline's (must agree when both are set)
-    validation_split=0.0,           # fraction held out when train_data is an (images, labels) tuple
-    shuffle=True,                   # shuffle (images, labels) tuples each epoch
+    validation_batch_size=None,     # batch of validation data given as arrays; None: batch_size
+    validation_split=0.0,           # Keras: the last fraction of (inputs, targets) arrays, before shuffling
+    shuffle=True,                   # shuffle the training arrays each epoch
+    normalize="auto",               # "auto" | "featurewise" | "scale" | "none" (docs/DESIGN.md, Preprocessing)
+    width_shift_range=0.0,          # on-device augmentation of (N, H, W, C) images, as ImageDataGenerator:
+    height_shift_range=0.0,         #   shifts as fractions of the width/height,
+    rotation_range=0.0,             #   rotation in degrees [0, 180],
+    zoom_range=0.0,                 #   zoom factors in [1 - z, 1 + z] (or a pair (lo, hi)),
+    horizontal_flip=False,          #   random left-right flips,
+    vertical_flip=False,            #   random up-down flips,
+    fill_mode="nearest",            #   "nearest" | "constant": what fills pixels moved in from outside,
+    cval=0.0,                       #   the fill value for "constant", in the units after scaling
+    feed="auto",                    # "auto" | "device" (batches gathered on device) | "host" (host-fed chunks)
+    # loss
     loss="softmax_cross_entropy",   # one of LOSSES
     from_logits=None,               # cross-entropies: outputs are logits? None: auto (the model's last activation)
     target="label",                 # batch key the loss compares outputs with ("image": autoencoders)
+    # optimizer and schedule
     optimizer="adam",               # one of OPTIMIZERS
     learning_rate=1e-3,             # peak learning rate of the schedule
     schedule="constant",            # one of SCHEDULES
@@ -41,8 +58,9 @@ DEFAULTS: dict[str, Any] = dict(
     weight_decay=0.0,               # adam: decoupled (AdamW); others: L2 added to the gradient
     clip_norm=0.0,                  # global-norm gradient clipping; 0 disables
     freeze=(),                      # regexes over '/'-joined parameter paths that are not trained
-    seed=0,                         # parameter init and dropout keys
-    log_every=50,                   # steps between host syncs (progress, NaN check)
+    seed=0,                         # parameter init, data order, augmentation and dropout keys
+    # loop, devices and checkpoints
+    log_every=50,                   # steps per compiled chunk (one lax.scan) and between host syncs
     checkpoint_every_steps=0,       # 0: checkpoint at epoch ends only (and at the end)
     keep_checkpoints=3,             # latest checkpoints kept
     best_metric=None,               # e.g. "val_accuracy": also keep the best checkpoint by it
@@ -54,6 +72,36 @@ DEFAULTS: dict[str, Any] = dict(
     distributed_init_timeout_s=60,  # multi-process: how long to wait for the peers to connect
     heartbeat_timeout_s=10,         # multi-process: how soon a dead peer is noticed
 )
+
+# The type of each key whose default is None (for a ConfigDict that command-line flags can set).
+_NONE_TYPES = {"batch_size": int, "validation_batch_size": int, "decay_steps": int, "best_metric": str,
+               "from_logits": bool}
+NORMALIZE = ("auto", "featurewise", "scale", "none")
+FEEDS = ("auto", "device", "host")
+FILL_MODES = ("nearest", "constant")
+# The keys that describe augmentation (all at their defaults: none).
+AUGMENT_KEYS = ("width_shift_range", "height_shift_range", "rotation_range", "zoom_range", "horizontal_flip",
+                "vertical_flip", "fill_mode", "cval")
+
+
+def default_config(**overrides) -> ml_collections.ConfigDict:
+  """A ConfigDict of every DEFAULTS key, with `overrides` (a recipe's `config.train`).
+
+  Keys whose default is None are typed placeholders, so `--config.train.batch_size=64` parses.
+
+  Raises:
+    ConfigError: an override names an unknown key.
+  """
+  unknown = sorted(set(overrides) - set(DEFAULTS))
+  if unknown:
+    raise ConfigError(f"config: unknown keys {', '.join(unknown)}; known keys: {', '.join(sorted(DEFAULTS))}")
+  values = {}
+  for key, default in DEFAULTS.items():
+    value = overrides.get(key, default)
+    if value is None and key in _NONE_TYPES:
+      value = ml_collections.config_dict.placeholder(_NONE_TYPES[key])
+    values[key] = value
+  return ml_collections.ConfigDict(values)
 
 
 def _is_int(value) -> bool:
@@ -91,9 +139,25 @@ def validate_config(config: Mapping[str, Any] | ml_collections.ConfigDict | None
   check(_is_int(c["epochs"]) and c["epochs"] >= 1, "epochs", "expected an integer >= 1")
   check(c["batch_size"] is None or (_is_int(c["batch_size"]) and c["batch_size"] >= 1), "batch_size",
         "expected a positive integer or None")
+  check(c["validation_batch_size"] is None or (_is_int(c["validation_batch_size"]) and c["validation_batch_size"] >= 1),
+        "validation_batch_size", "expected a positive integer or None")
   check(_is_number(c["validation_split"]) and 0.0 <= c["validation_split"] < 1.0, "validation_split",
         "expected a fraction in [0, 1)")
   check(isinstance(c["shuffle"], bool), "shuffle", "expected True or False")
+  check(c["normalize"] in NORMALIZE, "normalize", f"expected one of {', '.join(NORMALIZE)}")
+  for key in ("width_shift_range", "height_shift_range"):
+    check(_is_number(c[key]) and 0.0 <= c[key] < 1.0, key, "expected a fraction in [0, 1)")
+  check(_is_number(c["rotation_range"]) and 0.0 <= c["rotation_range"] <= 180.0, "rotation_range",
+        "expected degrees in [0, 180]")
+  zoom = c["zoom_range"]
+  check((_is_number(zoom) and 0.0 <= zoom < 1.0) or (isinstance(zoom, (tuple, list)) and len(zoom) == 2 and all(
+      _is_number(z) for z in zoom) and 0 < zoom[0] <= zoom[1]), "zoom_range",
+        "expected a fraction in [0, 1) or a pair 0 < lo <= hi")
+  for key in ("horizontal_flip", "vertical_flip"):
+    check(isinstance(c[key], bool), key, "expected True or False")
+  check(c["fill_mode"] in FILL_MODES, "fill_mode", f"expected one of {', '.join(FILL_MODES)}")
+  check(_is_number(c["cval"]), "cval", "expected a number")
+  check(c["feed"] in FEEDS, "feed", f"expected one of {', '.join(FEEDS)}")
   check(c["loss"] in LOSSES, "loss", f"expected one of {', '.join(LOSSES)}")
   check(c["from_logits"] is None or isinstance(c["from_logits"], bool), "from_logits",
         "expected True, False or None (auto)")
@@ -138,7 +202,20 @@ def validate_config(config: Mapping[str, Any] | ml_collections.ConfigDict | None
   if problems:
     raise ConfigError("config: bad values: " + "; ".join(problems))
   c["boundaries"], c["scales"], c["freeze"] = bounds, scales, freeze
+  if isinstance(zoom, list):
+    c["zoom_range"] = tuple(zoom)
   return ml_collections.ConfigDict(c)
+
+
+def augment_config(config):
+  """The jaxcnn.data.AugmentConfig that a validated config's augmentation keys describe."""
+  from jaxcnn.data import AugmentConfig
+  return AugmentConfig(**{key: config[key] for key in AUGMENT_KEYS})
+
+
+def augments(config) -> bool:
+  """Whether any augmentation key differs from its default (no augmentation)."""
+  return any(config[key] != DEFAULTS[key] for key in AUGMENT_KEYS)
 
 
 def best_mode(config: ml_collections.ConfigDict) -> str:

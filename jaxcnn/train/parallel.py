@@ -1,18 +1,20 @@
 """Where the computation runs: one device, a data-parallel mesh, pmap, and multi-process jobs.
 
-Data parallel with jax.sharding: a 1-D Mesh over every device (of every process) with axis "data"; the
-batch is split along it and the state replicated, and XLA inserts the all-reduces (so BatchNorm
-statistics and metric sums are global without any axis name). The pmap variant splits the batch into a
-leading device axis and relies on `axis_name="data"` collectives instead.
+`make_strategy` chooses the execution mode of a run once; a `Strategy` owns everything that differs
+between the modes (where arrays live, how the loop's pure programs are compiled, how values come back
+to the host), so the training loop is written once. Data parallel with jax.sharding: a 1-D Mesh over
+every device (of every process) with axis "data"; the batch is split along it and the state replicated,
+and XLA inserts the all-reduces (so BatchNorm statistics and metric sums are global without any axis
+name). The pmap strategy splits every chunk of batches into per-device slices and relies on
+`axis_name="data"` collectives instead.
 
 Multi-process: with JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID set (or on a
 multi-host TPU VM), `maybe_initialize_distributed` joins the job before any device is touched; every
-process computes the same global host batch and contributes only the rows of its own devices
+process reads only the rows of every global batch that its own devices hold
 (jax.make_array_from_process_local_data).
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import signal
@@ -126,49 +128,174 @@ def make_mesh(devices=None) -> Mesh:
   return Mesh(np.asarray(devices), (AXIS,))
 
 
-@dataclasses.dataclass(frozen=True)
-class Layout:
-  """How arrays are placed for one parallel mode.
+class Strategy:
+  """How a run uses its devices, chosen once (`make_strategy`): placement, compiled programs, host fetch.
+
+  The training loop is written once against this interface; the three execution modes differ only here:
+    single device ("none")  a 1-device mesh;
+    mesh ("jit"/"auto")     jit over a 1-D mesh of every device of every process, the state replicated and
+                            batches split along their batch axis (NamedSharding); XLA inserts the
+                            all-reduces, so BatchNorm statistics and metric sums are global. Several
+                            processes run the same program, each placing only its own rows;
+    pmap ("pmap")           one process; the state stacked along a leading device axis, chunks split into
+                            per-device slices, collectives over `axis_name`.
 
   Attributes:
-    mode: "none" (one device), "jit" (mesh + NamedSharding), or "pmap".
-    mesh: the Mesh for "jit"/"none" (one device for "none"); None for "pmap".
-    num_devices: devices the batch is split over.
+    name: "none", "jit" or "pmap".
+    num_devices: devices a batch is split over.
+    axis_name: the axis the pure steps' collectives reduce over (pmap), or None (XLA partitions jit).
+    resident_ok: whether a program may gather its batches from data replicated on the devices (the
+      single-process mesh); elsewhere batches are read on the host, each process its own rows.
   """
 
-  mode: str
-  mesh: Mesh | None
+  name: str
   num_devices: int
+  axis_name: str | None = None
+  resident_ok: bool = False
 
-  @property
-  def batch_sharding(self) -> NamedSharding:
-    return NamedSharding(self.mesh, PartitionSpec(AXIS))
+  def place_state(self, tree, *, copy: bool = False):
+    """`tree` (e.g. a TrainState) on the devices as every replica holds it; `copy`: never aliased."""
+    raise NotImplementedError
 
-  @property
-  def replicated(self) -> NamedSharding:
-    return NamedSharding(self.mesh, PartitionSpec())
+  def local_state(self, tree):
+    """`tree` as one replica holds it (what checkpoints and callbacks see)."""
+    return tree
 
-  def put_state(self, state):
-    """`state` replicated on every device (pmap: stacked along a new leading device axis)."""
-    if self.mode == "pmap":
-      devices = jax.local_devices()
-      stacked = jax.tree.map(lambda x: np.broadcast_to(fetch(x), (len(devices), *np.shape(x))), state)
-      # pmap places its input one slice per device: an identity pmap replicates the whole tree at once.
-      return jax.pmap(lambda tree: tree, devices=devices)(stacked)
-    return jax.tree.map(lambda x: _put_global(x, self.replicated), state)
+  def from_local(self, tree):
+    """The inverse of `local_state`: a tree as one replica holds it (e.g. restored) in this layout."""
+    return tree
 
-  def get_state(self, state):
-    """`state` as it is on one device (pmap: the first replica)."""
-    if self.mode == "pmap":
-      return jax.tree.map(lambda x: x[0], state)
-    return state
+  def scalar(self, value):
+    """A scalar argument of a compiled program (the same on every device and process)."""
+    raise NotImplementedError
 
-  def put_batch(self, batch: dict) -> dict:
-    """A global host/device batch split over the devices (pmap: reshaped to (devices, B/devices, ...))."""
-    if self.mode == "pmap":
-      n = self.num_devices
-      return jax.tree.map(lambda x: jnp.reshape(jnp.asarray(x), (n, x.shape[0] // n, *x.shape[1:])), batch)
-    return jax.tree.map(lambda x: _put_global(x, self.batch_sharding), batch)
+  def place_replicated(self, tree):
+    """Data every device reads whole (a device-resident split)."""
+    raise NotImplementedError
+
+  def batch_rows(self, batch_size: int) -> tuple[int, int]:
+    """The rows [start, stop) of every global batch this process supplies."""
+    return 0, batch_size
+
+  def place_chunk(self, chunk: dict, batch_size: int):
+    """Host arrays (K, rows, ...) of K batches' rows of this process -> the chunk on the devices."""
+    raise NotImplementedError
+
+  def row_offset(self, rows: int):
+    """Inside a program: the index in the global batch of the first row this device holds."""
+    return 0
+
+  def constrain(self, batch: dict) -> dict:
+    """Inside a program: a batch made there, laid out as the batches fed in are."""
+    return batch
+
+  def compile(self, fn, *, per_replica: tuple[int, ...], donate: tuple[int, ...] = ()):
+    """`fn` compiled for this mode; `per_replica`: the positional arguments held per replica (state-like);
+    the others are the same for every device. Outputs are per replica."""
+    raise NotImplementedError
+
+  def fetch(self, x) -> np.ndarray:
+    """A host copy of one replica of `x`."""
+    return fetch(x)
+
+
+class MeshStrategy(Strategy):
+  """jit over a 1-D mesh: replicated state, batch-sharded batches; one or several processes."""
+
+  def __init__(self, mesh: Mesh, name: str):
+    self.mesh, self.name, self.num_devices = mesh, name, mesh.size
+    self.resident_ok = jax.process_count() == 1
+    self.replicated = NamedSharding(mesh, PartitionSpec())
+    self.batch_sharding = NamedSharding(mesh, PartitionSpec(AXIS))
+    self.chunk_sharding = NamedSharding(mesh, PartitionSpec(None, AXIS))
+    self._copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree), out_shardings=self.replicated)
+
+  def place_state(self, tree, *, copy: bool = False):
+    placed = jax.tree.map(lambda x: _put_global(x, self.replicated), tree)
+    # A caller's arrays already on these devices come back as the same buffers from device_put: the
+    # copy keeps a donating program from deleting them.
+    return self._copy(placed) if copy else placed
+
+  def scalar(self, value):
+    return _put_global(np.asarray(value), self.replicated)
+
+  def place_replicated(self, tree):
+    return jax.tree.map(lambda x: _put_global(x, self.replicated), tree)
+
+  def batch_rows(self, batch_size: int) -> tuple[int, int]:
+    index_map = self.batch_sharding.addressable_devices_indices_map((batch_size,))
+    spans = sorted({(idx[0].start or 0, batch_size if idx[0].stop is None else idx[0].stop)
+                    for idx in index_map.values()})
+    start, stop = spans[0][0], spans[-1][1]
+    if sum(b - a for a, b in spans) != stop - start:
+      raise DistributedError(f"multi-process: this process's devices hold rows {spans} of a batch, not one "
+                             "contiguous block; the mesh must list each process's devices together")
+    return start, stop
+
+  def place_chunk(self, chunk: dict, batch_size: int):
+    def put(x):
+      shape = (x.shape[0], batch_size, *x.shape[2:])
+      if jax.process_count() == 1:
+        return jax.device_put(x, self.chunk_sharding)
+      return jax.make_array_from_process_local_data(self.chunk_sharding, x, shape)
+    return jax.tree.map(put, chunk)
+
+  def constrain(self, batch: dict) -> dict:
+    return jax.lax.with_sharding_constraint(batch, self.batch_sharding)
+
+  def compile(self, fn, *, per_replica: tuple[int, ...], donate: tuple[int, ...] = ()):
+    return jax.jit(fn, donate_argnums=donate, out_shardings=self.replicated)
+
+
+class PmapStrategy(Strategy):
+  """pmap over this process's devices: stacked state, per-device slices of every chunk."""
+
+  name = "pmap"
+  axis_name = AXIS
+
+  def __init__(self, devices):
+    self.devices = list(devices)
+    self.num_devices = len(self.devices)
+    self.stacked = NamedSharding(Mesh(np.asarray(self.devices), (AXIS,)), PartitionSpec(AXIS))
+
+  def place_state(self, tree, *, copy: bool = False):
+    # Through the host: every replica gets fresh buffers (so `copy` holds by construction).
+    n = self.num_devices
+    return jax.tree.map(lambda x: jax.device_put(np.broadcast_to(fetch(x), (n, *np.shape(x))), self.stacked),
+                        tree)
+
+  def local_state(self, tree):
+    return jax.tree.map(lambda x: x[0], tree)
+
+  def from_local(self, tree):
+    return self.place_state(tree)
+
+  def scalar(self, value):
+    return jnp.asarray(value)
+
+  def place_replicated(self, tree):
+    raise ConfigError("parallel='pmap' feeds batches from the host; device-resident data is for 'jit'")
+
+  def place_chunk(self, chunk: dict, batch_size: int):
+    n = self.num_devices
+
+    def put(x):
+      k, rows = x.shape[0], x.shape[1]
+      split = x.reshape(k, n, rows // n, *x.shape[2:]).swapaxes(0, 1)
+      return jax.device_put(np.ascontiguousarray(split), self.stacked)
+    return jax.tree.map(put, chunk)
+
+  def row_offset(self, rows: int):
+    return jax.lax.axis_index(AXIS) * rows
+
+  def compile(self, fn, *, per_replica: tuple[int, ...], donate: tuple[int, ...] = ()):
+    import inspect
+    count = len(inspect.signature(fn).parameters)
+    in_axes = tuple(0 if i in per_replica else None for i in range(count))
+    return jax.pmap(fn, axis_name=AXIS, in_axes=in_axes, donate_argnums=donate)
+
+  def fetch(self, x) -> np.ndarray:
+    return np.asarray(x[0])
 
 
 def _put_global(x, sharding: NamedSharding) -> jax.Array:
@@ -190,32 +317,37 @@ def _put_global(x, sharding: NamedSharding) -> jax.Array:
   return jax.make_array_from_process_local_data(sharding, local, host.shape)
 
 
-def make_layout(parallel: str, batch_size: int) -> Layout:
-  """The Layout for config.parallel and a global batch size.
+def device_count(parallel: str) -> int:
+  """How many devices a batch is split over under config.parallel (what batch sizes must divide)."""
+  if parallel == "none":
+    return 1
+  return jax.local_device_count() if parallel == "pmap" else jax.device_count()
+
+
+def make_strategy(parallel: str, batch_size: int) -> Strategy:
+  """The Strategy for config.parallel and a global batch size.
 
   Args:
     parallel: "auto" (= "jit" over every device), "jit", "pmap", or "none" (the first device only).
     batch_size: the global batch size; must be divisible by the number of devices used.
 
   Raises:
-    ConfigError: batch_size not divisible by the device count, or pmap in a multi-process job.
+    ConfigError: batch_size not divisible by the device count, or pmap/none in a multi-process job.
   """
   if parallel == "none":
     if jax.process_count() > 1:
       raise ConfigError("config: parallel='none' cannot run in a multi-process job; use 'auto' or 'jit'")
-    return Layout("none", Mesh(np.asarray(jax.devices()[:1]), (AXIS,)), 1)
-  if parallel == "pmap":
+    strategy = MeshStrategy(Mesh(np.asarray(jax.devices()[:1]), (AXIS,)), "none")
+  elif parallel == "pmap":
     if jax.process_count() > 1:
       raise ConfigError("config: parallel='pmap' is single-process here; use 'auto' or 'jit' for multi-process")
-    n = jax.local_device_count()
-    layout = Layout("pmap", None, n)
+    strategy = PmapStrategy(jax.local_devices())
   else:
-    mesh = make_mesh()
-    layout = Layout("jit", mesh, mesh.size)
-  if batch_size % layout.num_devices:
-    raise ConfigError(f"config: batch_size={batch_size} is not divisible by the {layout.num_devices} devices "
-                      f"(parallel={parallel!r}); use a multiple of {layout.num_devices}")
-  return layout
+    strategy = MeshStrategy(make_mesh(), "jit")
+  if batch_size % strategy.num_devices:
+    raise ConfigError(f"config: batch_size={batch_size} is not divisible by the {strategy.num_devices} devices "
+                      f"(parallel={parallel!r}); use a multiple of {strategy.num_devices}")
+  return strategy
 
 
 def fetch(x) -> np.ndarray:

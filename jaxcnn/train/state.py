@@ -69,24 +69,25 @@ class TrainState:
                         epoch_step=saved["epoch_step"], metric_sums=saved["metric_sums"])
 
 
-def init_variables(model, input_shape, seed: int) -> dict:
-  """model.init on one zero example of `input_shape` (H, W, C), in train=False mode."""
+def init_variables(model, input_shape, seed: int, input_dtype=jnp.float32) -> dict:
+  """model.init on one zero example of `input_shape` (e.g. (H, W, C)), in train=False mode."""
   key = jax.random.key(seed)
   params_key, dropout_key = jax.random.split(key)
-  x = jnp.zeros((1, *input_shape), jnp.float32)
+  x = jnp.zeros((1, *input_shape), input_dtype)
   return model.init({"params": params_key, "dropout": dropout_key}, x, train=False)
 
 
 def create_train_state(model, input_shape, config=None, *, total_steps: int = 1,
-                       tx: optax.GradientTransformation | None = None) -> TrainState:
+                       tx: optax.GradientTransformation | None = None, input_dtype=jnp.float32) -> TrainState:
   """A fresh TrainState for `model`, initialised from config.seed.
 
   Args:
     model: a flax.linen Module with `__call__(x, train=False)`.
-    input_shape: one example's shape, (H, W, C) (no batch axis).
+    input_shape: one example's shape, e.g. (H, W, C) or (L, C) (no batch axis).
     config: a dict/ConfigDict of training settings (see validate_config); None: defaults.
     total_steps: steps of the whole run, the default decay length of learning-rate schedules.
     tx: an optax transformation to use instead of make_optimizer(config, ...).
+    input_dtype: the dtype of the model's inputs (default float32; e.g. int32 token ids).
 
   Returns:
     TrainState at step 0, epoch 0.
@@ -95,7 +96,7 @@ def create_train_state(model, input_shape, config=None, *, total_steps: int = 1,
   input_shape = tuple(int(d) for d in input_shape)
   if not input_shape or any(d < 1 for d in input_shape):
     raise ValueError(f"create_train_state: input_shape {input_shape} must be one example's positive shape")
-  variables = init_variables(model, input_shape, int(config.seed))
+  variables = init_variables(model, input_shape, int(config.seed), input_dtype)
   params = variables["params"]
   batch_stats = variables.get("batch_stats", {})
   tx = tx if tx is not None else make_optimizer(config, params, total_steps)

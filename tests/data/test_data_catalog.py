@@ -225,7 +225,7 @@ def test_experiment_command_offline_exits_2_with_one_line(tmp_path):
     env.pop(key, None)
   workdir = tmp_path / "run"
   result = subprocess.run([sys.executable, "-m", "experiments.cifar10", f"--workdir={workdir}",
-                           f"--config.tfds_data_dir={tmp_path / 'tfds'}", "--config.download=True"],
+                           f"--config.data.tfds_data_dir={tmp_path / 'tfds'}", "--config.data.download=True"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 2, (result.stdout[-2000:], result.stderr[-2000:])
   assert "Traceback" not in result.stdout + result.stderr

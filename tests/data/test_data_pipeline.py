@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from jaxcnn.data import ArraySource, AugmentConfig, StreamingPipeline, from_arrays
-from jaxcnn.data.pipeline import _prefetch, shuffle_positions
+from jaxcnn.data.pipeline import _prefetch, shuffle_positions, shuffle_positions_host
+from helpers import assert_close
 
 N = 37
 
@@ -47,6 +48,8 @@ _shuffle = jax.jit(shuffle_positions, static_argnums=2)
 def test_shuffle_positions_is_a_permutation(n):
   order = np.asarray(_shuffle(jnp.arange(n), jax.random.key(n), n))
   np.testing.assert_array_equal(np.sort(order), np.arange(n))
+  # the numpy twin that host readers use draws the same permutation
+  np.testing.assert_array_equal(shuffle_positions_host(np.arange(n), jax.random.key(n), n), order)
 
 
 def test_shuffle_positions_looks_random_and_depends_on_the_key():
@@ -234,15 +237,85 @@ def test_bad_pipeline_arguments_are_rejected(kwargs, message):
 
 
 @pytest.mark.parametrize("images,labels,message", [
-    (np.zeros((4, 2, 2, 1), np.float32), np.zeros(4, int), "images: expected uint8"),
-    (np.zeros((4, 2), np.uint8), np.zeros(4, int), r"images: expected shape \(N, H, W, C\)"),
+    (np.array([[0.0, np.nan], [1.0, 2.0], [np.inf, 0.0], [3.0, 3.0]]), np.zeros(4, int),
+     r"images: 2 non-finite values \(NaN/Inf\), in 2 examples starting with example 0"),
+    (np.zeros(4, np.float32), np.zeros(4, int), r"images: expected one example per row, shape \(N, \.\.\.\)"),
+    (np.zeros((4, 2), np.str_), np.zeros(4, int), "images: expected numeric inputs"),
+    (np.zeros((0, 2, 2, 1), np.uint8), np.zeros(0, int), r"images: the dataset is empty"),
     (np.zeros((4, 2, 2, 1), np.uint8), np.zeros(3, int), r"labels: expected shape \(4,\)"),
-    (np.zeros((4, 2, 2, 1), np.uint8), np.zeros(4, float), "labels: expected integer class ids"),
+    (np.zeros((4, 2, 2, 1), np.uint8), np.array(["a"] * 4), "labels: expected integer class ids or float targets"),
+    (np.zeros((4, 2, 2, 1), np.uint8), np.full((4, 3), np.nan), "labels: 12 non-finite values"),
     (np.zeros((4, 2, 2, 1), np.uint8), -np.ones(4, int), "labels: class ids must be >= 0"),
 ])
 def test_bad_arrays_are_rejected(images, labels, message):
   with pytest.raises(ValueError, match=message):
     from_arrays(images, labels, batch_size=2, seed=0)
+
+
+def test_any_input_rank_and_target_kind_passes_unreshaped():
+  rng = np.random.default_rng(0)
+  waves = rng.normal(size=(12, 9, 2))                       # (N, L, C) float64 waveforms
+  for targets, classes in ((rng.integers(0, 3, 12), 3), (np.eye(4)[rng.integers(0, 4, 12)], 4),
+                           (rng.normal(size=(12, 9, 2)), None)):
+    pipe = from_arrays(waves, targets, batch_size=4, seed=0, shuffle=False)
+    assert pipe.image_shape == (9, 2) and pipe.preprocessing["normalize"] == "none"
+    batch = next(pipe.batches(0))
+    assert batch["image"].dtype == jnp.float32 and batch["image"].shape == (4, 9, 2)
+    np.testing.assert_allclose(batch["image"], waves[:4].astype(np.float32))
+    np.testing.assert_allclose(batch["label"], np.asarray(targets[:4], batch["label"].dtype))
+    assert pipe.num_classes == (classes if classes else None)
+  # featurewise statistics of float inputs: per channel (last axis), no 1/255
+  pipe = from_arrays(waves, np.zeros(12, int), batch_size=4, seed=0, normalize="featurewise")
+  np.testing.assert_allclose(pipe.stats["mean"], waves.reshape(-1, 2).mean(0), rtol=1e-5)
+  assert pipe.preprocessing["scale"] == 1.0
+  with pytest.raises(ValueError, match=r"augment: shifts, rotations, zooms and flips apply to image inputs "
+                                       r"\(N, H, W, C\); these inputs are \(N, 9, 2\)"):
+    from_arrays(waves, np.zeros(12, int), batch_size=4, seed=0, augment=AugmentConfig(horizontal_flip=True))
+
+
+def test_resident_and_streaming_draw_the_same_shuffled_batches():
+  """One permutation of (seed, epoch): computed on device by batch_fn, in numpy by read()."""
+  images, labels = _arrays()
+  config = AugmentConfig(width_shift_range=0.3, horizontal_flip=True)
+  resident = from_arrays(images, labels, batch_size=8, seed=4, augment=config)
+  streaming = StreamingPipeline(ArraySource(images, labels), image_shape=(4, 3, 1), batch_size=8, seed=4,
+                                augment=config, process_index=0, process_count=1)
+  transform = jax.jit(resident.transform)
+  for epoch in (0, 3):
+    np.testing.assert_array_equal(resident.order(epoch), streaming.order(epoch))
+    for step, (a, b) in enumerate(zip(_collect(resident.batches(epoch)), _collect(streaming.batches(epoch)),
+                                      strict=True)):
+      np.testing.assert_array_equal(a["label"], b["label"])
+      assert_close(a["image"], b["image"])
+      # the host-read rows, finished on device, are the device-gathered batch (up to fusion rounding)
+      host = transform(resident.read(epoch, step), np.int32(epoch), np.int32(step))
+      np.testing.assert_array_equal(np.asarray(host["label"]), a["label"])
+      assert_close(np.asarray(host["image"]), a["image"])
+
+
+def test_preprocessing_spec_round_trips_through_json_and_matches_the_batches():
+  import json
+  from jaxcnn.data import check_preprocessing, preprocess
+  rng = np.random.default_rng(1)
+  images = rng.integers(0, 256, (20, 5, 4, 3), dtype=np.uint8)
+  pipe = from_arrays(images, np.zeros(20, int), batch_size=5, seed=0, shuffle=False)
+  spec = json.loads(json.dumps(pipe.preprocessing))
+  assert spec == check_preprocessing(pipe.preprocessing)
+  assert (spec["normalize"], spec["input_dtype"], spec["input_shape"]) == ("featurewise", "uint8", [5, 4, 3])
+  np.testing.assert_allclose(spec["mean"], (images / 255.0).reshape(-1, 3).mean(0), rtol=1e-5)
+  expected = (images.astype(np.float32) / 255 - np.float32(spec["mean"])) / (np.float32(spec["std"]) + 1e-6)
+  batches = np.concatenate([np.asarray(b["image"]) for b in pipe.batches(0)])
+  assert_close(batches, expected)
+  assert_close(np.asarray(jax.jit(lambda x: preprocess(spec, x))(images)), batches)
+  # validation data given the spec is prepared with it, not with statistics of its own
+  other = from_arrays(images[:5] // 2, np.zeros(5, int), batch_size=5, seed=0, shuffle=False, preprocessing=spec)
+  assert other.preprocessing == spec
+  with pytest.raises(ValueError, match=r"inputs: dtype float32, but the run was trained on uint8 inputs"):
+    preprocess(spec, images.astype(np.float32) / 255)
+  with pytest.raises(ValueError, match=r"inputs: expected shape \(N, 5, 4, 3\), got \(2, 4, 4, 3\)"):
+    preprocess(spec, images[:2, :4])
+  with pytest.raises(ValueError, match="preprocessing: format"):
+    preprocess({**spec, "format": "other/9"}, images)
 
 
 def test_bad_positions_and_process_layout_are_rejected():

@@ -32,26 +32,38 @@ def _make_folder(root, per_class=(8, 4)):
 
 def _tiny_config(data_dir, **overrides):
   config = cats_vs_dogs.get_config()
-  config.update({**dict(data_dir=str(data_dir), image_size=32, epochs=1, batch_size=8, eval_batch_size=8,
-                        log_every=2, filters=4, dense_units=8), **overrides})
+  config.data.update(dict(data_dir=str(data_dir), image_size=32))
+  config.train.update(dict(epochs=1, batch_size=8, log_every=2, **overrides))
+  config.model_kwargs.update(dict(filters=4, dense_units=8))
+  config.eval_batch_size = 8
   return config
 
 
 def test_runs_end_to_end_on_an_image_folder(tmp_path):
   _make_folder(tmp_path / "images")
   workdir = tmp_path / "run"
-  results = cats_vs_dogs.main(_tiny_config(tmp_path / "images"), workdir)
+  summary = cats_vs_dogs.main(_tiny_config(tmp_path / "images"), workdir)
+  results = summary["results"]
   assert results["class_names"] == ["cats", "dogs"]
-  assert results["train_examples"] == 16 and results["test_examples"] == 8
+  assert summary["data"]["train_examples"] == 16 and summary["data"]["test_examples"] == 8
   assert results["skipped_files"] == 1
   assert 0.0 <= results["test_accuracy"] <= 1.0 and np.isfinite(results["test_loss"])
-  summary = json.loads((workdir / "summary.json").read_text())
+  saved = json.loads((workdir / "summary.json").read_text())
   # JSON keeps every float exactly (shortest repr), so the written results equal the returned ones.
-  assert summary["results"] == json.loads(json.dumps(results))
+  assert saved["results"] == json.loads(json.dumps(results)) and saved["experiment"] == "cats_vs_dogs"
   assert json.loads((workdir / "history.json").read_text())["epoch"] == [1]
-  for figure in summary["figures"]:
+  for figure in saved["figures"]:
     assert (workdir / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-  assert {"history.png", "confusion_matrix.png"} <= set(summary["figures"])
+  assert {"history.png", "confusion_matrix.png"} <= set(saved["figures"])
+
+
+def test_config_keys_that_the_folder_pipeline_takes_are_used_not_contradicted(tmp_path):
+  """The pipelines are built from config.train, so fit finds them as the config says (x/255, flips)."""
+  _make_folder(tmp_path / "images")
+  config = _tiny_config(tmp_path / "images", zoom_range=0.0, horizontal_flip=False, normalize="featurewise")
+  train_data, test_data = cats_vs_dogs.load_data(config)
+  assert train_data.normalize == "featurewise" and not train_data.augment.horizontal_flip
+  assert test_data.stats["mean"].tolist() == train_data.stats["mean"].tolist()
 
 
 def test_model_shapes():
@@ -65,7 +77,7 @@ def test_model_shapes():
 
 
 def test_missing_or_misshapen_folder_explains_the_layout(tmp_path):
-  layout = r"DIR/train/<class>/<images> and DIR/test/<class>/<images>.*--config.data_dir=DIR"
+  layout = r"DIR/train/<class>/<images> and DIR/test/<class>/<images>.*--config.data.data_dir=DIR"
   with pytest.raises(DataError, match=r"cats_vs_dogs: no image folder given; lay the images out as " + layout) as info:
     cats_vs_dogs.main(_tiny_config(""), tmp_path / "run")
   assert info.value.exit_code == 2

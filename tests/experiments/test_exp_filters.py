@@ -15,12 +15,12 @@ def test_small_run_matches_the_reference_and_writes_the_grid(tmp_path):
   config = filters.get_config()
   config.image_size = 40
   summary = filters.main(config, tmp_path)
-  saved = json.loads((tmp_path / "summary.json").read_text())
+  saved = json.loads((tmp_path / "summary.json").read_text())["results"]
   assert saved["image_shape"] == [40, 34, 3]  # 600x512 portrait, longer side 40
   names = [(row["filter"], row["input"]) for row in saved["filters"]]
   assert len(names) == 2 * len(filters.GREY_FILTERS) + 1 and ("brown", "colour") in names
   # Float32 sums of 9 or 27 products of values <= 2 in magnitude: rounding stays far below 1e-5.
-  assert summary["max_abs_difference"] < 1e-5
+  assert summary["results"]["max_abs_difference"] < 1e-5 and summary["experiment"] == "filters"
   assert all(row["response_range"][1] > row["response_range"][0] for row in saved["filters"])
   with Image.open(tmp_path / "filters.png") as image:
     assert image.format == "PNG" and image.size[0] > 600 and image.size[1] > 600

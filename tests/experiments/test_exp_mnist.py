@@ -12,20 +12,31 @@ import pytest
 from _exp_tiny_idx import tiny_digits  # noqa: F401  (fixture)
 from PIL import Image
 
-from experiments import _runner, mnist
+from experiments import _common, _runner, mnist
 from jaxcnn.errors import ConfigError
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
-SUMMARY_KEYS = {"dataset", "model", "epochs", "test_accuracy", "test_loss", "train_seconds", "compile_seconds",
-                "images_per_second", "device_kind", "device_count", "val_accuracy", "train_examples",
-                "test_examples", "wall_seconds", "figures", "config", "reevaluated"}
+SECTIONS = {"schema", "experiment", "results", "data", "run", "timing", "device", "figures", "config", "finished_at"}
 FIGURES = ("history.png", "confusion_matrix.png", "filters.png", "feature_maps.png")
+
+
+def set_path(config, path: str, value) -> None:
+  """config["a.b"] = value for a dotted path."""
+  *parents, leaf = path.split(".")
+  node = config
+  for part in parents:
+    node = node[part]
+  with node.unlocked():
+    node[leaf] = value
 
 
 def _config(tiny, **overrides):
   config = mnist.get_config()
-  config.update({**tiny, **dict(epochs=1, batch_size=32, eval_batch_size=32, log_every=4, warmup_steps=2),
-                 **overrides})
+  config.data.update(tiny)
+  config.train.update(dict(epochs=1, batch_size=32, validation_batch_size=32, log_every=4, warmup_steps=2))
+  config.eval_batch_size = 32
+  for path, value in overrides.items():
+    set_path(config, path.replace("__", "."), value)
   return config
 
 
@@ -45,11 +56,13 @@ def _cli(*args, cwd=REPO_ROOT, env=None):
 
 
 def test_default_config_is_valid_and_points_at_the_shipped_data():
+  from jaxcnn.train import DEFAULTS
   config = mnist.get_config()
   mnist.check_config(config)
   assert config.model == "mnist_fast_cnn"
-  assert (pathlib.Path(config.data_dir) / "mnist" / "train-images-idx3-ubyte.gz").is_file()
-  assert pathlib.Path(config.data_dir) == _runner.SHIPPED_DATA
+  assert (pathlib.Path(config.data.data_dir) / "mnist" / "train-images-idx3-ubyte.gz").is_file()
+  assert pathlib.Path(config.data.data_dir) == _runner.SHIPPED_DATA
+  assert set(config.train) == set(DEFAULTS)  # fit's whole config, passed unchanged
 
 
 def test_default_model_is_registered_with_its_documented_shape():
@@ -74,18 +87,19 @@ def test_tiny_run_writes_summary_history_figures_then_reevaluates(tiny_digits, t
   workdir = tmp_path / "run"
   summary = mnist.main(_config(tiny_digits, model="mnist_convnet"), workdir)
   saved = json.loads((workdir / "summary.json").read_text())
-  assert SUMMARY_KEYS <= set(saved)
-  assert saved["test_accuracy"] == pytest.approx(summary["test_accuracy"])
-  assert (saved["dataset"], saved["model"], saved["epochs"]) == ("tiny_digits", "mnist_convnet", 1)
-  # 320 train examples, 5% held out for validation (the data layer's fixed slice); 96 test examples.
-  assert (saved["train_examples"], saved["validation_examples"], saved["test_examples"]) == (304, 16, 96)
-  assert 0.0 <= saved["test_accuracy"] <= 1.0 and np.isfinite(saved["test_loss"])
-  assert saved["images_per_second"] > 0 and 0 < saved["compile_seconds"] < saved["train_seconds"]
-  assert saved["device_count"] >= 1 and saved["device_kind"]
-  assert saved["reevaluated"] is False and saved["trained_epochs_this_run"] == 1
+  assert set(saved) == SECTIONS and saved["schema"] == _common.SUMMARY_SCHEMA
+  assert saved["experiment"] == "mnist" and saved["config"]["model"] == "mnist_convnet"
+  results, data, run, timing = saved["results"], saved["data"], saved["run"], saved["timing"]
+  assert results["test_accuracy"] == pytest.approx(summary["results"]["test_accuracy"])
+  assert run["epochs"] == 1 and run["reevaluated"] is False and run["trained_epochs_this_run"] == 1
+  # 320 training images, the last 5% (16) held out for validation as Keras does; 96 test images.
+  assert (data["train_examples"], data["validation_examples"], data["test_examples"]) == (304, 16, 96)
+  assert 0.0 <= results["test_accuracy"] <= 1.0 and np.isfinite(results["test_loss"])
+  assert timing["images_per_second"] > 0 and 0 < timing["compile_seconds"] < timing["train_seconds"]
+  assert saved["device"]["device_count"] >= 1 and saved["device"]["device_kind"]
   history = json.loads((workdir / "history.json").read_text())
   assert history["epoch"] == [1] and {"loss", "accuracy", "val_loss", "val_accuracy"} <= set(history)
-  assert saved["val_accuracy"] == pytest.approx(history["val_accuracy"][-1])
+  assert results["val_accuracy"] == pytest.approx(history["val_accuracy"][-1])
   assert list((workdir / "tb").iterdir()), "no TensorBoard events"
   assert (workdir / "checkpoints").is_dir()
   for name in FIGURES:
@@ -94,10 +108,10 @@ def test_tiny_run_writes_summary_history_figures_then_reevaluates(tiny_digits, t
 
   # Same workdir: the finished run is restored and re-evaluated, not retrained; same test result.
   again = mnist.main(_config(tiny_digits, model="mnist_convnet"), workdir)
-  assert again["reevaluated"] is True and again["trained_epochs_this_run"] == 0
-  assert again["test_accuracy"] == pytest.approx(summary["test_accuracy"], abs=1e-9)
-  assert again["test_loss"] == pytest.approx(summary["test_loss"], rel=1e-5)
-  assert again["images_per_second"] == pytest.approx(summary["images_per_second"])
+  assert again["run"]["reevaluated"] is True and again["run"]["trained_epochs_this_run"] == 0
+  assert again["results"]["test_accuracy"] == pytest.approx(results["test_accuracy"], abs=1e-9)
+  assert again["results"]["test_loss"] == pytest.approx(results["test_loss"], rel=1e-5)
+  assert again["timing"]["images_per_second"] == pytest.approx(timing["images_per_second"])
   assert json.loads((workdir / "history.json").read_text())["epoch"] == [1]
 
 
@@ -105,23 +119,26 @@ def test_tiny_run_writes_summary_history_figures_then_reevaluates(tiny_digits, t
 def test_default_config_reaches_99_3_percent(tmp_path):
   """The README command, as shipped: the full MNIST run (minutes on a laptop CPU)."""
   summary = mnist.main(mnist.get_config(), tmp_path / "run")
-  assert summary["test_examples"] == 10000
-  assert summary["test_accuracy"] >= 0.993
+  assert summary["data"]["test_examples"] == 10000
+  assert summary["results"]["test_accuracy"] >= 0.993
   for name in FIGURES:
     _check_png(tmp_path / "run" / name)
 
 
 def test_cli_mnist_convnet_one_epoch(tiny_digits, tmp_path):
   workdir = tmp_path / "convnet"
-  result = _cli(f"--workdir={workdir}", "--config.model=mnist_convnet", "--config.epochs=1",
-                f"--config.dataset={tiny_digits['dataset']}", f"--config.data_dir={tiny_digits['data_dir']}",
-                f"--config.tfds_data_dir={tiny_digits['tfds_data_dir']}", "--config.batch_size=32",
-                "--config.eval_batch_size=32", "--config.log_every=3")
+  result = _cli(f"--workdir={workdir}", "--config.model=mnist_convnet", "--config.train.epochs=1",
+                f"--config.data.dataset={tiny_digits['dataset']}", f"--config.data.data_dir={tiny_digits['data_dir']}",
+                f"--config.data.tfds_data_dir={tiny_digits['tfds_data_dir']}", "--config.train.batch_size=32",
+                "--config.train.validation_batch_size=32", "--config.eval_batch_size=32",
+                "--config.train.log_every=3", "--config.train.weight_decay=1e-4")
   assert result.returncode == 0, result.stderr[-2000:]
   summary = json.loads((workdir / "summary.json").read_text())
-  assert (summary["model"], summary["epochs"], summary["parameters"]) == ("mnist_convnet", 1, 34826)
+  assert (summary["results"]["model"], summary["run"]["epochs"], summary["results"]["parameters"]) == (
+      "mnist_convnet", 1, 34826)
+  assert summary["config"]["train"]["weight_decay"] == 1e-4
   # The one-screen report: model table, per-epoch line, test accuracy, where the files are.
-  for text in ("Total params: 34,826", "epoch 1: loss", "test accuracy:", f"files in {workdir}"):
+  for text in ("Total params: 34,826", "epoch 1/1 loss=", "test accuracy:", f"files in {workdir}"):
     assert text in result.stdout
   for name in FIGURES:
     assert (workdir / name).is_file()
@@ -132,8 +149,9 @@ def test_cli_missing_data_exits_2_with_one_line_and_writes_nothing(tmp_path):
   empty.mkdir()
   workdir = tmp_path / "run"
   tfds_dir = tmp_path / "tfds"
-  result = _cli(f"--workdir={workdir}", f"--config.data_dir={empty}", f"--config.tfds_data_dir={tfds_dir}",
-                "--config.download=False", env={"JAXCNN_DATA_DIR": ""})
+  result = _cli(f"--workdir={workdir}", f"--config.data.data_dir={empty}",
+                f"--config.data.tfds_data_dir={tfds_dir}", "--config.data.download=False",
+                env={"JAXCNN_DATA_DIR": ""})
   assert result.returncode == 2, result.stderr[-2000:]
   lines = result.stderr.strip().splitlines()
   assert lines[-1].startswith("error: mnist: dataset not found"), lines[-1]
@@ -144,7 +162,8 @@ def test_cli_missing_data_exits_2_with_one_line_and_writes_nothing(tmp_path):
 
 @pytest.mark.parametrize("args, expected", [
     (("--config.no_such_key=1",), "unknown config key 'no_such_key'"),
-    (("--config.epochs=two",), "--config.epochs=two"),
+    (("--config.train.epochs=two",), "--config.train.epochs=two"),
+    (("--config.train.no_such_key=1",), "unknown config key 'no_such_key' in train"),
     (("stray",), "unexpected arguments: stray"),
 ])
 def test_cli_bad_flags_exit_2_with_one_line(tmp_path, args, expected):
@@ -157,15 +176,16 @@ def test_cli_bad_flags_exit_2_with_one_line(tmp_path, args, expected):
 
 @pytest.mark.parametrize("key, value, message", [
     ("model", "no_such_model", "model='no_such_model'"),
-    ("validation_split", 1.5, "validation_split=1.5"),
-    ("train_examples", -1, "train_examples=-1"),
-    ("normalize", "zscore", "normalize='zscore'"),
-    ("learning_rate", -0.1, "learning_rate=-0.1"),
-    ("optimizer", "lbfgs", "optimizer='lbfgs'"),
+    ("train.validation_split", 1.5, "validation_split=1.5"),
+    ("train.validation_split", 0.0, "train.validation_split=0.0"),
+    ("data.train_examples", -1, "data.train_examples=-1"),
+    ("train.normalize", "zscore", "normalize='zscore'"),
+    ("train.learning_rate", -0.1, "learning_rate=-0.1"),
+    ("train.optimizer", "lbfgs", "optimizer='lbfgs'"),
 ])
 def test_bad_config_values_raise_config_error_before_writing(tmp_path, key, value, message):
   config = mnist.get_config()
-  config[key] = value
+  set_path(config, key, value)
   with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
     mnist.main(config, tmp_path / "run")
   assert not (tmp_path / "run").exists()
@@ -185,18 +205,18 @@ def test_a_reconstruction_model_is_refused(tmp_path):
 
 
 def test_compile_timer_counts_overlapping_intervals_once():
-  timer = mnist.CompileTimer()
+  timer = _common.CompileTimer()
   # A trace nested inside another (1-3 within 0-4), one touching interval, one disjoint.
   timer.intervals = [(0.0, 4.0), (1.0, 3.0), (4.0, 5.0), (10.0, 10.5)]
   assert timer.seconds == pytest.approx(5.5)
-  assert mnist.CompileTimer().seconds == 0.0
+  assert _common.CompileTimer().seconds == 0.0
 
 
 def test_compile_timer_sees_a_jit_compile():
   import jax
   import jax.numpy as jnp
 
-  with mnist.CompileTimer() as timer:
+  with _common.CompileTimer() as timer:
     jax.jit(lambda x: jnp.sin(x) * 3.0 + 17.0)(jnp.arange(7.0)).block_until_ready()
   assert timer.seconds > 0
 
@@ -204,7 +224,7 @@ def test_compile_timer_sees_a_jit_compile():
 def test_first_conv_kernel_follows_layer_order_not_name_order():
   params = {"conv2d_10": {"kernel": np.zeros((3, 3, 8, 8))}, "conv2d_2": {"kernel": np.zeros((3, 3, 4, 8))},
             "conv2d": {"kernel": np.ones((5, 5, 1, 4))}, "dense": {"kernel": np.zeros((4, 2))}}
-  assert mnist._first_conv_kernel(params).shape == (5, 5, 1, 4)
-  assert sorted(["conv2d_10", "conv2d_2", "conv2d_1"], key=mnist._layer_order) == ["conv2d_1", "conv2d_2",
+  assert _common.first_conv_kernel(params).shape == (5, 5, 1, 4)
+  assert sorted(["conv2d_10", "conv2d_2", "conv2d_1"], key=_common.layer_order) == ["conv2d_1", "conv2d_2",
                                                                                    "conv2d_10"]
-  assert mnist._first_conv_kernel({"dense": {"kernel": np.zeros((4, 2))}}) is None
+  assert _common.first_conv_kernel({"dense": {"kernel": np.zeros((4, 2))}}) is None

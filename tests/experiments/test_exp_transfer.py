@@ -15,17 +15,20 @@ from jaxcnn.errors import ConfigError, DataError
 
 def _tiny_config(**overrides):
   config = transfer.get_config()
-  config.update({**dict(pretrain_examples=64, small_examples=32, large_examples=48, pretrain_epochs=1,
-                        small_epochs=1, large_epochs=1, test_examples=32, batch_size=16, log_every=2,
-                        baselines=False), **overrides})
+  config.data.update(dict(pretrain_examples=64, small_examples=32, large_examples=48, test_examples=32))
+  config.train.update(dict(batch_size=16, log_every=2))
+  config.update(dict(pretrain_epochs=1, small_epochs=1, large_epochs=1, baselines=False))
+  for key, value in overrides.items():
+    (config.data if key in config.data else config)[key] = value
   return config
 
 
 def test_similar_cases_freeze_what_the_case_says_and_resume(tmp_path):
   workdir = tmp_path / "run"
-  results = transfer.main(_tiny_config(cases="small_similar,large_similar"), workdir)
+  summary = transfer.main(_tiny_config(cases="small_similar,large_similar"), workdir)
+  results = summary["results"]
   assert 0.0 <= results["source_test_accuracy"] <= 1.0
-  assert results["source_train_examples"] == 64
+  assert summary["data"]["train_examples"] == 64
   small, large = results["cases"]["small_similar"], results["cases"]["large_similar"]
   assert (small["train_examples"], large["train_examples"]) == (32, 48)
   assert small["test_examples"] == 32 and small["domain"] == "similar"
@@ -34,13 +37,14 @@ def test_similar_cases_freeze_what_the_case_says_and_resume(tmp_path):
   assert small["frozen_max_change"] == 0.0 and small["trained_max_change"] > 0.0
   assert large["frozen_layers"] == [] and large["trained_max_change"] > 0.0
   assert small["scratch_accuracy"] is None
-  summary = json.loads((workdir / "summary.json").read_text())
-  assert summary["results"]["cases"]["small_similar"]["test_accuracy"] == pytest.approx(small["test_accuracy"])
+  saved = json.loads((workdir / "summary.json").read_text())
+  assert saved["experiment"] == "transfer"
+  assert saved["results"]["cases"]["small_similar"]["test_accuracy"] == pytest.approx(small["test_accuracy"])
   for run in ("pretrain", "small_similar", "large_similar"):
     assert json.loads((workdir / run / "history.json").read_text())["epoch"] == [1]
   assert (workdir / "transfer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   # A re-run resumes every run at its end: nothing is retrained and the numbers are the same.
-  again = transfer.main(_tiny_config(cases="small_similar,large_similar"), workdir)
+  again = transfer.main(_tiny_config(cases="small_similar,large_similar"), workdir)["results"]
   assert again["cases"]["small_similar"]["test_accuracy"] == pytest.approx(small["test_accuracy"])
   assert again["source_test_accuracy"] == pytest.approx(results["source_test_accuracy"])
 
@@ -48,7 +52,7 @@ def test_similar_cases_freeze_what_the_case_says_and_resume(tmp_path):
 def test_different_case_on_fashion_mnist_with_scratch_baseline(tmp_path, shared_datasets):
   config = _tiny_config(cases="small_different", baselines=True,
                         fashion_data_dir=str(shared_datasets / "fashion-mnist"))
-  case = transfer.main(config, tmp_path / "run")["cases"]["small_different"]
+  case = transfer.main(config, tmp_path / "run")["results"]["cases"]["small_different"]
   assert case["domain"] == "different" and case["frozen_layers"] == ["conv2d"]
   assert case["frozen_max_change"] == 0.0 and case["trained_max_change"] > 0.0
   assert 0.0 <= case["scratch_accuracy"] <= 1.0
@@ -61,7 +65,7 @@ def test_missing_fashion_mnist_says_where_to_put_it(tmp_path, monkeypatch):
   empty = tmp_path / "empty"
   empty.mkdir()
   config = _tiny_config(cases="small_different", fashion_data_dir=str(empty), download=False)
-  with pytest.raises(DataError, match=r"fashion_mnist: dataset not found.*--config.fashion_data_dir=DIR "
+  with pytest.raises(DataError, match=r"fashion_mnist: dataset not found.*--config.data.fashion_data_dir=DIR "
                                       r"holding train-images-idx3-ubyte.gz") as info:
     transfer.main(config, tmp_path / "run")
   assert info.value.exit_code == 2
@@ -96,6 +100,10 @@ def test_bad_config(tmp_path):
   with pytest.raises(ConfigError, match=r"cases='small,large': expected a comma-separated subset of "
                                         r"small_similar, large_similar, small_different, large_different"):
     transfer.main(_tiny_config(cases="small,large"), tmp_path / "run")
-  with pytest.raises(ConfigError, match=r"config: small_examples=40000 exceeds the \d+ images available"):
+  with pytest.raises(ConfigError, match=r"config: data.small_examples=40000 exceeds the \d+ images available"):
     transfer.main(_tiny_config(cases="small_similar", small_examples=40000), tmp_path / "run")
+  config = _tiny_config(cases="small_similar")
+  config.train.epochs = 3
+  with pytest.raises(ConfigError, match=r"config: train.epochs=3: this experiment sets each run's epochs"):
+    transfer.main(config, tmp_path / "run")
   assert not (tmp_path / "run").exists()  # refused before pretraining

@@ -162,10 +162,11 @@ def mnist_cli(workdir, data_root, *overrides, timeout: float = 600, env: dict | 
   Returns the CompletedProcess (stdout and stderr apart), or with popen=True the running Popen (stderr
   merged into stdout, so a long run cannot block on a full stderr pipe).
   """
-  args = [sys.executable, "-m", "experiments.mnist", f"--workdir={workdir}", "--config.dataset=tiny_digits",
-          f"--config.data_dir={data_root}", f"--config.tfds_data_dir={pathlib.Path(data_root) / 'tfds'}",
-          "--config.download=False", "--config.epochs=1", "--config.batch_size=32",
-          "--config.eval_batch_size=32", "--config.log_every=3", "--config.warmup_steps=2", *overrides]
+  args = [sys.executable, "-m", "experiments.mnist", f"--workdir={workdir}", "--config.data.dataset=tiny_digits",
+          f"--config.data.data_dir={data_root}", f"--config.data.tfds_data_dir={pathlib.Path(data_root) / 'tfds'}",
+          "--config.data.download=False", "--config.train.epochs=1", "--config.train.batch_size=32",
+          "--config.train.validation_batch_size=32", "--config.eval_batch_size=32", "--config.train.log_every=3",
+          "--config.train.warmup_steps=2", *overrides]
   env = clean_env(**(env or {}))
   if popen:
     return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -270,7 +270,7 @@ def test_other_model_workdir_is_refused_by_the_experiment_command(tmp_path_facto
   digits = write_tiny_mnist(tmp_path_factory.mktemp("digits"), train=96, test=32)
   workdir = tmp_path / "run"
   # A workdir holding a checkpoint of the experiment's own config with another model (mnist_convnet).
-  config = mnist._fit_config(mnist.get_config())
+  config = mnist.get_config().train
   checkpointer = train.Checkpointer(workdir, async_save=False)
   try:
     checkpointer.save(train.create_train_state(models.get("mnist_convnet"), (28, 28, 1), config))

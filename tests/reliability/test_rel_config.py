@@ -38,10 +38,10 @@ def _one_error_line(result) -> str:
 
 @pytest.mark.parametrize("overrides, expected", [
     # every bad value is listed at once, each with its key
-    (("--config.batch_size=0", "--config.epochs=-1", "--config.log_every=0"),
+    (("--config.train.batch_size=0", "--config.train.epochs=-1", "--config.train.log_every=0"),
      ("batch_size=0", "epochs=-1", "log_every=0")),
     # 30 examples a batch cannot be split over the 4 devices
-    (("--config.batch_size=30",), ("batch_size=30 is not divisible by the 4 devices",)),
+    (("--config.train.batch_size=30",), ("batch_size=30 is not divisible by the 4 devices",)),
 ])
 def test_experiment_command_bad_config_exits_2_listing_every_problem(digits, tmp_path, overrides, expected):
   workdir = tmp_path / "run"
@@ -54,8 +54,10 @@ def test_experiment_command_bad_config_exits_2_listing_every_problem(digits, tmp
 
 def test_model_that_cannot_take_the_images_is_refused_before_writing(digits, tmp_path):
   config = mnist.get_config()
-  config.update(dict(dataset="tiny_digits", data_dir=str(digits), tfds_data_dir=str(digits / "tfds"),
-                     download=False, model="vgg16", batch_size=32))
+  config.data.update(dict(dataset="tiny_digits", data_dir=str(digits), tfds_data_dir=str(digits / "tfds"),
+                          download=False))
+  config.model = "vgg16"
+  config.train.batch_size = 32
   # VGG16's five poolings do not fit 28x28 digits
   with pytest.raises(ConfigError, match=r"model='vgg16' cannot take \(28, 28, 1\) images: MaxPool2D") as info:
     mnist.main(config, tmp_path / "run")
@@ -64,16 +66,20 @@ def test_model_that_cannot_take_the_images_is_refused_before_writing(digits, tmp
 
 
 @pytest.mark.parametrize("key, value", [
-    ("eval_batch_size", 0), ("eval_batch_size", -8), ("batch_size", -32), ("keep_checkpoints", 0),
-    ("warmup_steps", -1), ("test_examples", -5), ("seed", -1), ("learning_rate", math.nan),
-    ("learning_rate", math.inf), ("rotation_range", 360.0),
+    ("eval_batch_size", 0), ("eval_batch_size", -8), ("train.batch_size", -32), ("train.keep_checkpoints", 0),
+    ("train.warmup_steps", -1), ("data.test_examples", -5), ("train.seed", -1), ("train.learning_rate", math.nan),
+    ("train.learning_rate", math.inf), ("train.rotation_range", 360.0), ("train.validation_batch_size", 0),
     ("feature_map_index", -1),
 ])
 def test_experiment_zero_negative_or_wrongly_typed_values_raise_before_writing(tmp_path, key, value):
   config = mnist.get_config()
-  with config.unlocked():
-    config[key] = value
-  with pytest.raises(ConfigError, match=rf"{key}=") as info:
+  *parents, leaf = key.split(".")
+  node = config
+  for part in parents:
+    node = node[part]
+  with node.unlocked():
+    node[leaf] = value
+  with pytest.raises(ConfigError, match=rf"{leaf}=") as info:
     mnist.main(config, tmp_path / "run")
   assert info.value.exit_code == 2 and "\n" not in str(info.value)
   assert not (tmp_path / "run").exists()
@@ -84,7 +90,7 @@ def test_wrong_types_are_refused_and_listed_together():
   # a plain dict given to fit is checked key by key, every problem listed in one line.
   config = mnist.get_config()
   with pytest.raises(TypeError, match="epochs"):
-    config.epochs = 2.5
+    config.train.epochs = 2.5
   with pytest.raises(ConfigError) as info:
     train.validate_config({"epochs": 2.5, "batch_size": "32", "shuffle": "yes", "seed": -1})
   for text in ("epochs=2.5", "batch_size='32'", "shuffle='yes'", "seed=-1"):
@@ -149,11 +155,14 @@ def test_public_api_sweep_raises_value_error_naming_the_argument():
        "x must be a floating-point array"),
       (lambda: init(models.get("vgg16"), jnp.ones((1, 8, 8, 3))), "larger than the padded input"),
       (lambda: data.from_arrays(np.full((4, 8, 8, 1), np.nan), np.zeros(4, np.int32), batch_size=2, seed=0),
-       "images: expected uint8"),
-      (lambda: data.from_arrays(np.ones((4, 8), np.uint8), np.zeros(4, np.int32), batch_size=2, seed=0),
-       "images: expected shape"),
-      (lambda: data.from_arrays(np.ones((4, 8, 8, 1), np.uint8), np.zeros(4, np.float32), batch_size=2, seed=0),
-       "labels: expected integer"),
+       "images: 256 non-finite values"),
+      (lambda: data.from_arrays(np.ones(4, np.uint8), np.zeros(4, np.int32), batch_size=2, seed=0),
+       "images: expected one example per row"),
+      (lambda: data.from_arrays(np.ones((4, 8, 8, 1), np.uint8), np.array(["a"] * 4), batch_size=2, seed=0),
+       "labels: expected integer class ids or float targets"),
+      (lambda: data.preprocess(data.from_arrays(np.ones((4, 8, 8, 1), np.uint8), np.zeros(4, int), batch_size=2,
+                                                seed=0).preprocessing, np.ones((4, 8, 8, 1), np.float32)),
+       "inputs: dtype float32, but the run was trained on uint8 inputs"),
   ]
   for call, message in cases:
     with pytest.raises(ValueError, match=message):

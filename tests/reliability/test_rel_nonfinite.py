@@ -63,8 +63,8 @@ def test_nonfinite_input_stops_at_its_step_and_keeps_the_last_good_checkpoint(tm
 def test_diverging_experiment_exits_3_with_one_line_and_claims_no_result(tmp_path_factory, tmp_path):
   digits = write_tiny_mnist(tmp_path_factory.mktemp("digits"), train=96, test=32)
   workdir = tmp_path / "run"
-  result = mnist_cli(workdir, digits, "--config.optimizer=sgd", "--config.learning_rate=1e30",
-                     "--config.schedule=constant", "--config.log_every=1")
+  result = mnist_cli(workdir, digits, "--config.train.optimizer=sgd", "--config.train.learning_rate=1e30",
+                     "--config.train.schedule=constant", "--config.train.log_every=1")
   assert result.returncode == 3, (result.stdout[-2000:], result.stderr[-2000:])
   assert "Traceback" not in result.stderr + result.stdout
   errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]

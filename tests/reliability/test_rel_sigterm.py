@@ -26,7 +26,7 @@ def digits(tmp_path_factory):
 
 def test_sigterm_checkpoints_exits_0_and_the_same_command_resumes(digits, tmp_path):
   workdir = tmp_path / "run"
-  command = ("--config.epochs=3",)
+  command = ("--config.train.epochs=3",)
   proc = mnist_cli(workdir, digits, *command, popen=True)
   lines = []
   try:
@@ -36,9 +36,9 @@ def test_sigterm_checkpoints_exits_0_and_the_same_command_resumes(digits, tmp_pa
       if not line:
         break
       lines.append(line)
-      if line.startswith("epoch 1: loss"):  # mid-run: epoch 2 of 3 is starting
+      if line.startswith("epoch 1/3 loss="):  # mid-run: epoch 2 of 3 is starting
         break
-    assert any(l.startswith("epoch 1: loss") for l in lines), "".join(lines)
+    assert any(l.startswith("epoch 1/3 loss=") for l in lines), "".join(lines)
     proc.send_signal(signal.SIGTERM)
     signalled = time.monotonic()
     rest, _ = proc.communicate(timeout=EXIT_BOUND_S * 4)
@@ -64,7 +64,7 @@ def test_sigterm_checkpoints_exits_0_and_the_same_command_resumes(digits, tmp_pa
   assert again.returncode == 0, again.stderr[-3000:]
   assert f"resuming at step {step}" in again.stdout
   summary = json.loads((workdir / "summary.json").read_text())
-  assert summary["epochs"] == 3 and summary["resumed_from_epoch"] == 1
+  assert summary["run"]["epochs"] == 3 and summary["run"]["resumed_from_epoch"] == 1
   history = json.loads((workdir / "history.json").read_text())
   assert history["epoch"] == [1, 2, 3]
   assert {k: v[:1] for k, v in history.items()} == history_before

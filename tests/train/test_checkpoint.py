@@ -16,25 +16,25 @@ from jaxcnn import train  # noqa: E402
 from jaxcnn.errors import CheckpointError  # noqa: E402
 
 
-def _state(filters: int = 4, step: int = 0, layout=None):
+def _state(filters: int = 4, step: int = 0, strategy=None):
   state = train.create_train_state(make_model(filters=filters), (8, 8, 1), dict(seed=step))
   state = state.replace(step=jnp.full((), step, jnp.int32))
-  return layout.put_state(state) if layout is not None else state
+  return strategy.place_state(state) if strategy is not None else state
 
 
-def _save_steps(workdir, steps, layout=None):
+def _save_steps(workdir, steps, strategy=None):
   checkpointer = train.Checkpointer(workdir, keep=5, async_save=False)
   try:
     for step in steps:
-      checkpointer.save(_state(step=step, layout=layout))
+      checkpointer.save(_state(step=step, strategy=strategy))
   finally:
     checkpointer.close()
 
 
-def _restore(workdir, layout=None):
+def _restore(workdir, strategy=None):
   checkpointer = train.Checkpointer(workdir, keep=5)
   try:
-    return checkpointer.restore_latest(_state(layout=layout))
+    return checkpointer.restore_latest(_state(strategy=strategy))
   finally:
     checkpointer.close()
 
@@ -54,11 +54,11 @@ def test_roundtrip_keeps_optimizer_structure(tmp_path):
 
 
 def test_saved_on_four_devices_restores_on_one(tmp_path):
-  four = train.make_layout("jit", 16)
-  one = train.make_layout("none", 16)
+  four = train.make_strategy("jit", 16)
+  one = train.make_strategy("none", 16)
   assert four.num_devices == 4 and one.num_devices == 1
-  _save_steps(tmp_path, [5], layout=four)
-  restored = _restore(tmp_path, layout=one)
+  _save_steps(tmp_path, [5], strategy=four)
+  restored = _restore(tmp_path, strategy=one)
   assert int(restored.step) == 5
   assert _same_values(restored, _state(step=5))
   assert restored.params["dense"]["kernel"].sharding.device_set == {jax.devices()[0]}

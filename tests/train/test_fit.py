@@ -61,7 +61,7 @@ def test_fit_learns_writes_files_and_compiles_once(straight):
   assert all(0.0 <= a <= 1.0 for a in history["val_accuracy"])
   assert int(result.state.step) == 12 and int(result.state.epoch) == 3
   # One chunk program, one rollover and one eval program for the whole run: no per-epoch recompiles.
-  assert traces == {"train_chunk": 1, "next_epoch": 1, "eval_step": 1}
+  assert traces == {"train_chunk": 1, "next_epoch": 1, "eval_chunk": 1}
   assert json.loads((workdir / "history.json").read_text()) == history
   rows = (workdir / "metrics.csv").read_text().strip().splitlines()
   assert rows[0].split(",") == list(history) and len(rows) == 4
@@ -198,7 +198,8 @@ def test_tuple_validation_is_normalised_with_training_statistics():
   images, labels = make_arrays(80)
   images[-16:] = np.clip(images[-16:].astype(np.int32) + 60, 0, 255).astype(np.uint8)
   config = train.validate_config(dict(epochs=1, batch_size=16, validation_split=0.2))
-  train_data, val_data = loop._resolve_data((images, labels), None, config)
+  prepared = loop._prepare_data((images, labels), None, config)
+  train_data, val_data = prepared.train, prepared.val
   for key in ("mean", "std"):
     np.testing.assert_array_equal(np.asarray(val_data.stats[key]), np.asarray(train_data.stats[key]))
   val_mean = float(np.mean(np.asarray(next(iter(val_data.batches(0)))["image"])))
