@@ -134,10 +134,10 @@ class Checkpointer:
     if self._primary:
       # The record first: a step Orbax commits always has one (a kill right after the commit must not
       # leave the newest checkpoint unverifiable); a record without a committed step is ignored.
-      self.digest_dir.mkdir(parents=True, exist_ok=True)
       record = {"step": step, "format": _DIGEST_FORMAT, "sha256": digest_tree(tree),
                 "shapes": {k: list(v) for k, v in _shapes(tree).items()}}
-      write_atomic(self.digest_dir / f"{step}.json", json.dumps(record))  # a digest file is whole or absent
+      # whole or absent; the folder is (re)created inside, so a failure to create it is a StorageError too
+      write_atomic(self.digest_dir / f"{step}.json", json.dumps(record))
     self._pending.add(step)
     try:
       with storage_errors(self.workdir / "checkpoints" / str(step)):
