@@ -255,7 +255,8 @@ def _print_report(summary: dict, workdir: pathlib.Path) -> None:
           f"{timing['train_seconds']:.1f} s of which compile {timing['compile_seconds']:.1f} s, "
           f"{timing['images_per_second']:.0f} images/s after compilation) on {where}")
   if workdir.is_dir():
-    files = sorted(p.name + ("/" if p.is_dir() else "") for p in workdir.iterdir() if not p.name.endswith(".tmp"))
+    files = sorted(p.name + ("/" if p.is_dir() else "") for p in workdir.iterdir()
+                   if not p.name.endswith(".tmp") and not p.name.startswith("."))
     print(f"files in {workdir}: {', '.join(files)}")
 
 
