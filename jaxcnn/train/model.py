@@ -335,7 +335,7 @@ class TrainedModel:
     """
     from jaxcnn.train.checkpoint import digest_tree
     from jaxcnn.train.parallel import fetch
-    path = pathlib.Path(path).absolute()
+    path = pathlib.Path(path).expanduser().absolute()
     document = self._document(architecture)
     variables = jax.tree.map(lambda a: np.asarray(fetch(a)), self.variables)
     document["variables"] = {"sha256": digest_tree(variables),
@@ -572,7 +572,7 @@ def load(path, *, model=None) -> TrainedModel:
   from jaxcnn.train.config import validate_config
   from jaxcnn.train.state import TrainState, init_variables, zero_metric_sums
 
-  path = pathlib.Path(path).absolute()
+  path = pathlib.Path(path).expanduser().absolute()
   file = path / MODEL_JSON
   document = _read_document(path)
   module = _build_module(document, file, model)
