@@ -262,8 +262,11 @@ def _check_model_and_targets(model, state, batch, pipeline, config) -> None:
   target = batch[config.target]
   what = f"train_data: targets {tuple(target.shape[1:])} {target.dtype} do not fit loss={config.loss!r} " \
          f"for model outputs {tuple(getattr(outputs, 'shape', ())[1:])}"
+  # A loss that does not fit the model's last activation is the loss's fault, not the targets': its own
+  # message (a softmax applied twice, probabilities read as logits).
+  from_logits = resolve_from_logits(model, config.loss, config.from_logits)
   try:
-    loss_fn = get_loss(config.loss, from_logits=resolve_from_logits(model, config.loss, config.from_logits))
+    loss_fn = get_loss(config.loss, from_logits=from_logits)
     jax.eval_shape(loss_fn, outputs, target)
   except (ValueError, TypeError) as err:
     raise ConfigError(f"{what}: {_first_line(err)}") from None
