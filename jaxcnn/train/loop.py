@@ -46,6 +46,7 @@ from jaxcnn.train.checkpoint import Checkpointer
 from jaxcnn.train.config import augment_config, augments, best_mode, validate_config
 from jaxcnn.train.feed import ResidentFeed, choose_feed, make_feed
 from jaxcnn.train.losses import get_loss, has_accuracy, resolve_from_logits
+from jaxcnn.train.model import TrainedModel
 from jaxcnn.train.optim import make_optimizer, make_schedule
 from jaxcnn.train.parallel import Strategy, device_count, fetch, make_strategy, maybe_initialize_distributed
 from jaxcnn.train.state import TrainState, create_train_state, init_variables, zero_metric_sums
@@ -58,9 +59,9 @@ _LOG = logging.getLogger(__name__)
 TRACE_COUNTS: dict[str, int] = {}
 
 
-@dataclasses.dataclass
-class FitResult:
-  """What fit returns.
+@dataclasses.dataclass(eq=False)
+class FitResult(TrainedModel):
+  """What fit returns: the trained model (a TrainedModel: predict, evaluate, save) and the run's record.
 
   Attributes:
     state: the final TrainState (placed on the devices; pmap: the first replica). Passing it (or this
@@ -72,6 +73,8 @@ class FitResult:
       applies it to raw inputs; format in docs/DESIGN.md), or None for a pipeline without one.
     trained_steps: optimizer steps this call took (0 when the workdir's run was already complete).
     data: {"train_examples", "validation_examples", "batch_size", "steps_per_epoch"}.
+    module, config, class_names, input_shape, input_dtype: the TrainedModel's (the model fit trained,
+      fit's validated config, the training data's class names, one raw example's shape and dtype).
   """
 
   state: TrainState
@@ -79,12 +82,15 @@ class FitResult:
   preprocessing: dict | None = None
   trained_steps: int = 0
   data: dict = dataclasses.field(default_factory=dict)
+  module: Any = dataclasses.field(default=None, kw_only=True)
+  config: Any = dataclasses.field(default=None, kw_only=True)
+  class_names: list = dataclasses.field(default_factory=list, kw_only=True)
+  input_shape: tuple | None = dataclasses.field(default=None, kw_only=True)
+  input_dtype: str | None = dataclasses.field(default=None, kw_only=True)
 
-  def preprocess(self, inputs):
-    """Raw inputs (as given to fit) prepared as the run prepared them: the model's inputs."""
-    if self.preprocessing is None:
-      raise ValueError("FitResult.preprocess: the training pipeline carried no preprocessing spec")
-    return pipeline_lib.preprocess(self.preprocessing, inputs)
+  def __post_init__(self):
+    self.config = validate_config(self.config)
+    self._check_loss()
 
 
 def _count_trace(name: str) -> None:
@@ -182,6 +188,12 @@ def _prepare_data(train_data, val_data, config, preprocessing=None) -> _Data:
 
 # -- state --------------------------------------------------------------------------------------------
 
+def _raw_dtype(pipeline) -> str:
+  """The raw inputs' dtype name: the preprocessing spec's, else what the model sees."""
+  spec = getattr(pipeline, "preprocessing", None)
+  return str(spec["input_dtype"]) if spec is not None else np.dtype(_input_dtype(pipeline)).name
+
+
 def _input_dtype(pipeline):
   """The dtype the model sees: float32 for pixels and floats, other integer inputs unchanged."""
   spec = getattr(pipeline, "preprocessing", None)
@@ -205,7 +217,8 @@ def _start_state(model, pipeline, config, initial, run_steps: int) -> TrainState
     except (ValueError, TypeError) as err:
       raise ConfigError(f"model: cannot take train_data inputs {shape}: {_first_line(err)}") from None
   if not isinstance(initial, TrainState):
-    raise ConfigError(f"initial_state: expected a TrainState or a FitResult, got {type(initial).__name__}")
+    raise ConfigError("initial_state: expected a TrainState or a TrainedModel (a FitResult, a loaded model), "
+                      f"got {type(initial).__name__}")
   epoch, epoch_step = int(fetch(initial.epoch)), int(fetch(initial.epoch_step))
   if epoch_step:
     raise ConfigError(f"initial_state: stopped in the middle of epoch {epoch + 1} (step {epoch_step}); "
@@ -246,8 +259,11 @@ def _check_model_and_targets(model, state, batch, pipeline, config) -> None:
   target = batch[config.target]
   what = f"train_data: targets {tuple(target.shape[1:])} {target.dtype} do not fit loss={config.loss!r} " \
          f"for model outputs {tuple(getattr(outputs, 'shape', ())[1:])}"
+  # A loss that does not fit the model's last activation is the loss's fault, not the targets': its own
+  # message (a softmax applied twice, probabilities read as logits).
+  from_logits = resolve_from_logits(model, config.loss, config.from_logits)
   try:
-    loss_fn = get_loss(config.loss, from_logits=resolve_from_logits(model, config.loss, config.from_logits))
+    loss_fn = get_loss(config.loss, from_logits=from_logits)
     jax.eval_shape(loss_fn, outputs, target)
   except (ValueError, TypeError) as err:
     raise ConfigError(f"{what}: {_first_line(err)}") from None
@@ -416,7 +432,7 @@ def _with_accuracy(loss: str) -> bool:
 
 @callbacks_lib.root_logger_left_alone()
 def fit(model, train_data, *, config, workdir=None, val_data=None, callbacks: Sequence[Any] = (),
-        initial_state: TrainState | FitResult | None = None) -> FitResult:
+        initial_state: TrainState | TrainedModel | None = None) -> FitResult:
   """Trains `model` on `train_data`; resumes from `workdir`'s latest checkpoint when there is one.
 
   Args:
@@ -433,13 +449,15 @@ def fit(model, train_data, *, config, workdir=None, val_data=None, callbacks: Se
       tb/, and .lock: one run at a time), or None (default) for a run that saves nothing.
     val_data: (inputs, targets) arrays or an InputPipeline evaluated after every epoch, or None.
     callbacks: Callback instances (EarlyStopping, CSVLogger, ...) called after every epoch.
-    initial_state: a TrainState or FitResult to continue from: its weights, batch statistics, step, rng
-      and epoch count are kept and `config.epochs` more epochs trained with the config's optimizer,
-      schedule and freeze mask (a fresh optimizer state); a FitResult also brings its preprocessing.
+    initial_state: a TrainState, or a TrainedModel (a FitResult, or `jaxcnn.train.load`'s), to continue
+      from: its weights, batch statistics, step, rng and epoch count are kept and `config.epochs` more
+      epochs trained with the config's optimizer, schedule and freeze mask (a fresh optimizer state); a
+      TrainedModel also brings its preprocessing.
       Never donated. A checkpoint of this run in workdir takes precedence (the run resumes).
 
   Returns:
-    FitResult(state, history, preprocessing, trained_steps, data).
+    FitResult(state, history, preprocessing, trained_steps, data): a TrainedModel (predict, evaluate,
+    save; jaxcnn.train.model) with the run's record.
 
   Raises:
     ConfigError: bad config values, data, model inputs or targets (before anything is compiled).
@@ -456,7 +474,7 @@ def fit(model, train_data, *, config, workdir=None, val_data=None, callbacks: Se
   # config -> job -> data
   config = validate_config(config)
   multi = maybe_initialize_distributed(config.distributed_init_timeout_s, config.heartbeat_timeout_s)
-  if isinstance(initial_state, FitResult):
+  if isinstance(initial_state, TrainedModel):
     data = _prepare_data(train_data, val_data, config, initial_state.preprocessing)
     initial_state = initial_state.state
   else:
@@ -531,7 +549,9 @@ def _train(model, config, data: _Data, strategy: Strategy, loop: "_Loop", state,
   counts = {"train_examples": int(data.train.num_examples),
             "validation_examples": int(data.val.num_examples) if data.val is not None else 0,
             "batch_size": int(data.train.batch_size), "steps_per_epoch": steps_per_epoch}
-  return FitResult(final, history, data.preprocessing, global_step - resumed_at, counts)
+  return FitResult(final, history, data.preprocessing, global_step - resumed_at, counts, module=model, config=config,
+                   class_names=list(getattr(data.train, "class_names", None) or []),
+                   input_shape=tuple(data.train.image_shape), input_dtype=_raw_dtype(data.train))
 
 
 def _resume(workdir, config, strategy: Strategy, state):
