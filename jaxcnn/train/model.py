@@ -330,8 +330,9 @@ class TrainedModel:
     Raises:
       ValueError: the architecture cannot be written (a custom module, a lambda activation: the message
         names the layer and says to pass architecture=False and load with model=...).
-      CheckpointError: `path` exists and is not a saved jaxcnn model (or overwrite=False), or it cannot
-        be written (permissions, disk full): one line naming the path.
+      CheckpointError: `path` exists and is not a saved jaxcnn model (or overwrite=False).
+      StorageError: it cannot be written (disk full, read-only, permissions): one line naming the path;
+        nothing half-written is left and a model saved there before is kept.
     """
     from jaxcnn.train.checkpoint import digest_tree
     from jaxcnn.train.parallel import fetch
@@ -356,7 +357,8 @@ class TrainedModel:
         tmp.mkdir(parents=True)
       _sync("jaxcnn: model save starts")
       import orbax.checkpoint as ocp
-      with ocp.StandardCheckpointer() as checkpointer:
+      from jaxcnn import storage
+      with storage.storage_errors(tmp / VARIABLES_DIR), ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(tmp / VARIABLES_DIR, variables)
         checkpointer.wait_until_finished()
       if primary:
@@ -370,8 +372,16 @@ class TrainedModel:
         if old.exists():
           shutil.rmtree(old)
       _sync("jaxcnn: model saved")
-    except OSError as err:
-      raise CheckpointError(f"{path}: cannot write the saved model: {err.strerror or _first_line(err)}") from None
+    except Exception as err:  # noqa: BLE001  (Orbax reports a full disk as a ValueError)
+      from jaxcnn import storage
+      if primary:
+        shutil.rmtree(tmp, ignore_errors=True)  # never a half-written model left behind
+      failed = storage.storage_error(err, path)
+      if failed is not None:
+        raise failed from None
+      if isinstance(err, OSError):
+        raise CheckpointError(f"{path}: cannot write the saved model: {err.strerror or _first_line(err)}") from None
+      raise
     return path
 
   def _document(self, architecture: bool) -> dict:

@@ -4,7 +4,9 @@ more from a loaded model; every unreadable or foreign saved model and every bad 
 the file or the argument."""
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 
 import flax.linen as nn
@@ -13,9 +15,9 @@ import numpy as np
 import pytest
 
 from jaxcnn import layers as L
-from jaxcnn import models, train
+from jaxcnn import models, storage, train
 from jaxcnn.data import preprocess
-from jaxcnn.errors import CheckpointError, ConfigError
+from jaxcnn.errors import CheckpointError, ConfigError, StorageError
 
 FAST = dict(batch_size=16, epochs=1, log_every=4, progress="none")
 
@@ -281,9 +283,25 @@ def test_save_never_overwrites_what_is_not_a_saved_model(registry_run, tmp_path)
 
 def test_save_into_an_unwritable_place_is_one_line(registry_run, tmp_path):
   (tmp_path / "file").write_text("")
-  with pytest.raises(CheckpointError, match=r"cannot write the saved model") as info:
+  with pytest.raises(StorageError, match=r"file/model: Not a directory") as info:
     registry_run[0].save(tmp_path / "file" / "model")
+  assert "\n" not in str(info.value) and info.value.exit_code == 5
+
+
+def test_save_on_a_full_disk_is_one_line_and_keeps_the_model_saved_before(registry_run, tmp_path):
+  result, images, _ = registry_run
+  result.save(tmp_path / "m")
+  before = result.predict(images[:4])
+
+  def full(path):
+    if "variables" in str(path):
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+  with storage.inject_faults(full), pytest.raises(StorageError, match=r"No space left on device; the disk is full") as info:
+    result.save(tmp_path / "m")
   assert "\n" not in str(info.value)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no half-written copy beside it
+  np.testing.assert_array_equal(train.load(tmp_path / "m").predict(images[:4]), before)
 
 
 # -- bad input: one line naming the argument --------------------------------------------------------------------
