@@ -9,6 +9,8 @@
 - Non-overlapping max pooling differentiates without reduce_window/select_and_scatter, its derivative
   goes through the `jaxcnn_route_to_first_max` primitive, and sends the gradient of a tile with tied
   maxima to exactly one cell: the first in row-major order.
+- Training-mode batch normalisation reduces each activation-sized array once: x twice in the forward
+  pass (the mean, then the squared deviations), the output gradient g and g * x in the backward pass.
 """
 from __future__ import annotations
 
@@ -138,6 +140,23 @@ def test_max_pool_derivatives_run_the_routing_primitive():
   # The gradient is the routing primitive's hand-written transpose: selects and a reshape, no scatter.
   names = {e.primitive.name for e in _eqns(jax.grad(lambda x: jnp.sum(pool(x) ** 2)), x)}
   assert not names & {"scatter", "scatter-add", "select_and_scatter_add", "reduce_window_max"}, names
+
+
+def test_batch_norm_gradient_reduces_each_activation_sized_array_once():
+  # Autodiff of the two-pass statistics would also differentiate the mean inside the variance: one more
+  # activation-sized reduction (its sum is zero) in the backward pass.
+  x = jnp.asarray(np.random.default_rng(5).standard_normal((4, 6, 6, 3)), jnp.float32)
+  channel = jnp.ones((3,))
+
+  def loss(x, scale, bias):
+    y, _, _ = ops.batch_norm(x, scale, bias, channel * 0.0, channel, train=True)
+    return jnp.sum(jnp.sin(y))
+
+  eqns = _eqns(jax.grad(loss, argnums=(0, 1, 2)), x, channel, channel * 0.5)
+  full = [e.primitive.name for e in eqns if e.primitive.name.startswith("reduce_")
+          and e.invars[0].aval.shape == x.shape]
+  # mean(x), mean((x - mu)^2); the loss's own sum; sum(g), sum(g * x).
+  assert full == ["reduce_sum"] * 5, full
 
 
 @pytest.mark.parametrize("shape, pool", [((2, 8, 8, 3), 2), ((1, 9, 7, 2), (3, 2)), ((2, 10, 4), 2)])

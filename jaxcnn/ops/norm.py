@@ -5,9 +5,11 @@ reuses so both twins reject the same bad input with the same message.
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -105,17 +107,11 @@ def batch_norm(x, scale, bias, mean, var, *, train: bool, momentum: float = 0.99
   mean, var = jnp.asarray(mean), jnp.asarray(var)
   acc = compute_dtype(x.dtype)
   xf = x.astype(acc)
+  channels = x.shape[-1]
+  gamma = jnp.ones((channels,), acc) if scale is None else jnp.asarray(scale).astype(acc)
+  beta = jnp.zeros((channels,), acc) if bias is None else jnp.asarray(bias).astype(acc)
   if train:
-    axes = tuple(range(x.ndim - 1))
-    batch_mean = jnp.mean(xf, axis=axes, keepdims=True)
-    if axis_name is not None:
-      batch_mean = lax.pmean(batch_mean, axis_name)
-    # Two passes (mean, then squared deviations from it) rather than E[x^2] - E[x]^2, which cancels
-    # catastrophically when |mean| >> std.
-    batch_var = jnp.mean(jnp.square(xf - batch_mean), axis=axes, keepdims=True)
-    if axis_name is not None:
-      batch_var = lax.pmean(batch_var, axis_name)
-    mu, sigma2 = batch_mean.reshape(-1), batch_var.reshape(-1)
+    y, mu, sigma2 = _normalize_with_batch_statistics(xf, gamma, beta, float(epsilon), axis_name)
     running_var_batch = sigma2
     if unbiased_running_var:
       # jnp.asarray: the batch may be a symbolic dimension (jax.export).
@@ -126,19 +122,70 @@ def batch_norm(x, scale, bias, mean, var, *, train: bool, momentum: float = 0.99
     new_mean = (momentum * mean.astype(acc) + (1.0 - momentum) * mu).astype(mean.dtype)
     new_var = (momentum * var.astype(acc)
                + (1.0 - momentum) * running_var_batch).astype(var.dtype)
-  else:
-    mu, sigma2 = mean.astype(acc), var.astype(acc)
-    new_mean, new_var = mean, var
+    return y.astype(x.dtype), new_mean, new_var
   # One multiply-add per element: fold the normalisation and the affine map into (C,) vectors first.
-  inv = lax.rsqrt(sigma2 + epsilon)
-  if scale is not None:
-    inv = inv * jnp.asarray(scale).astype(acc)
-  shift = -mu * inv
-  if bias is not None:
-    shift = shift + jnp.asarray(bias).astype(acc)
-  shape = (1,) * (x.ndim - 1) + (-1,)
-  y = xf * inv.reshape(shape) + shift.reshape(shape)
-  return y.astype(x.dtype), new_mean, new_var
+  inv = lax.rsqrt(var.astype(acc) + epsilon) * gamma
+  shift = beta - mean.astype(acc) * inv
+  y = xf * _per_channel(inv, x.ndim) + _per_channel(shift, x.ndim)
+  return y.astype(x.dtype), mean, var
+
+
+def _per_channel(v, ndim):
+  """A (C,) vector shaped to broadcast against (N, ..., C)."""
+  return v.reshape((1,) * (ndim - 1) + (-1,))
+
+
+def _channel_mean(v, axis_name):
+  """The mean of v over every axis but the last (and over the `axis_name` devices), shape (C,)."""
+  m = jnp.mean(v, axis=tuple(range(v.ndim - 1)))
+  return m if axis_name is None else lax.pmean(m, axis_name)
+
+
+def _batch_statistics(x, epsilon, axis_name):
+  """(mu, sigma2, inv): batch mean, biased batch variance and 1 / sqrt(sigma2 + epsilon), each (C,).
+
+  Two passes (the mean, then the squared deviations from it) rather than E[x^2] - E[x]^2, which cancels
+  catastrophically when |mean| >> std; each pass is one reduction of x with its elementwise work fused."""
+  mu = _channel_mean(x, axis_name)
+  sigma2 = _channel_mean(jnp.square(x - _per_channel(mu, x.ndim)), axis_name)
+  return mu, sigma2, lax.rsqrt(sigma2 + epsilon)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
+def _normalize_with_batch_statistics(x, gamma, beta, epsilon, axis_name):
+  """Training-mode batch normalisation in the accumulator dtype: (y, mu, sigma2), where
+  y = (x - mu) * gamma / sqrt(sigma2 + epsilon) + beta and (mu, sigma2) are the batch statistics.
+
+  The derivative is written by hand (`_normalize_jvp`) so that the compiled backward pass is the
+  minimal one: two per-channel reductions of the output gradient g (sum(g) and sum(g * x)) and one
+  elementwise pass, each reading only g and x. Autodiff of the two-pass statistics also differentiates
+  the mean inside the variance (a term that sums to zero but costs a full-size product and reduction)
+  and shares x - mu between passes, which XLA then writes out as one more activation-sized array.
+  """
+  mu, sigma2, inv = _batch_statistics(x, epsilon, axis_name)
+  return _affine(x, mu, inv * gamma, beta), mu, sigma2
+
+
+def _affine(x, mu, a, beta):
+  """x * a + (beta - mu * a): the normalisation folded into one multiply-add per element."""
+  return x * _per_channel(a, x.ndim) + _per_channel(beta - mu * a, x.ndim)
+
+
+@_normalize_with_batch_statistics.defjvp
+def _normalize_jvp(epsilon, axis_name, primals, tangents):
+  """Linear in the tangents (dx, dgamma, dbeta), so JAX's transpose of it is the backward pass:
+    dmu = mean(dx), dsigma2 = 2 (mean(x dx) - mu dmu), da = dgamma inv - gamma inv^3 dsigma2 / 2,
+    dy = dx a + x da + (dbeta - dmu a - mu da),  with a = gamma inv.
+  Every full-size term is x or dx times a (C,) vector, so the transpose reduces g and g * x (one fused
+  reduction each) and writes the input gradient in one elementwise pass over g and x."""
+  (x, gamma, beta), (dx, dgamma, dbeta) = primals, tangents
+  mu, sigma2, inv = _batch_statistics(x, epsilon, axis_name)
+  a = inv * gamma
+  dmu = _channel_mean(dx, axis_name)
+  dsigma2 = 2.0 * (_channel_mean(x * dx, axis_name) - mu * dmu)
+  da = dgamma * inv - 0.5 * gamma * inv ** 3 * dsigma2
+  dy = dx * _per_channel(a, x.ndim) + x * _per_channel(da, x.ndim) + _per_channel(dbeta - dmu * a - mu * da, x.ndim)
+  return (_affine(x, mu, a, beta), mu, sigma2), (dy, dmu, dsigma2)
 
 
 def local_response_norm(x, size: int = 5, *, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0):
