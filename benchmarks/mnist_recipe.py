@@ -60,7 +60,8 @@ def run_jaxcnn(scratch: pathlib.Path, *, epochs: int, seed: int, data_dir, train
           "test_accuracy": summary["results"]["test_accuracy"], "compilation_cache": timing.get("compilation_cache")}
 
 
-def run_torch(scratch: pathlib.Path, *, epochs: int, seed: int, init: str, data_dir, train_examples: int) -> dict:
+def run_torch(scratch: pathlib.Path, *, epochs: int, seed: int, init: str, data_dir, train_examples: int,
+              threads: int | None = None) -> dict:
   """One `python -m benchmarks.mnist_torch`."""
   out = pathlib.Path(tempfile.mkdtemp(prefix="torch-", dir=scratch)) / "result.json"
   args = [sys.executable, "-m", "benchmarks.mnist_torch", f"--epochs={epochs}", f"--seed={seed}",
@@ -69,6 +70,8 @@ def run_torch(scratch: pathlib.Path, *, epochs: int, seed: int, init: str, data_
     args.append(f"--data-dir={data_dir}")
   if train_examples:
     args.append(f"--train-examples={train_examples}")
+  if threads:
+    args.append(f"--threads={threads}")
   started = time.perf_counter()
   proc = subprocess.run(args, cwd=REPO, env=_child_env(), capture_output=True, text=True)
   wall = time.perf_counter() - started
@@ -90,6 +93,7 @@ def main(argv=None) -> dict:
   parser.add_argument("--torch-init", default="torch", help="comma-separated: torch, keras")
   parser.add_argument("--contenders", default="jaxcnn,torch", help="comma-separated: jaxcnn, torch")
   parser.add_argument("--train-examples", type=int, default=0, help="the first n training images (smoke runs)")
+  parser.add_argument("--torch-threads", type=int, default=None, help="torch threads (default: one per core)")
   parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/mnist_recipe.json)")
   args = parser.parse_args(argv)
 
@@ -110,7 +114,7 @@ def main(argv=None) -> dict:
         if "torch" in contenders:
           for init in inits:
             runs.append(run_torch(scratch, epochs=args.epochs, seed=seed, init=init, data_dir=args.data_dir,
-                                  train_examples=args.train_examples))
+                                  train_examples=args.train_examples, threads=args.torch_threads))
             print(json.dumps(runs[-1]), flush=True)
 
   names = list(dict.fromkeys(r["contender"] for r in runs))

@@ -93,9 +93,12 @@ def schedule(step: int, peak: float, warmup: int, total: int) -> float:
   return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def run(data_dir: pathlib.Path, *, epochs: int, seed: int, init: str, train_examples: int = 0) -> dict:
+def run(data_dir: pathlib.Path, *, epochs: int, seed: int, init: str, train_examples: int = 0,
+        threads: int | None = None) -> dict:
   import torch
 
+  if threads:
+    torch.set_num_threads(threads)
   torch.manual_seed(seed)
   data = load(data_dir)
   x, y = data["x"], data["y"].astype(np.int64)
@@ -156,10 +159,12 @@ def main(argv=None) -> dict:
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--init", choices=("torch", "keras"), default="torch")
   parser.add_argument("--train-examples", type=int, default=0, help="the first n training images (smoke runs)")
+  parser.add_argument("--threads", type=int, default=None,
+                      help="torch.set_num_threads (default: torch's, one per usable core)")
   parser.add_argument("--out", type=pathlib.Path, default=None, help="also write the JSON here")
   args = parser.parse_args(argv)
   result = run(args.data_dir, epochs=args.epochs, seed=args.seed, init=args.init,
-               train_examples=args.train_examples)
+               train_examples=args.train_examples, threads=args.threads)
   result["wall_seconds"] = time.perf_counter() - _START
   text = json.dumps(result, indent=2)
   if args.out:
