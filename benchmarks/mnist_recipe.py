@@ -137,7 +137,7 @@ def main(argv=None) -> dict:
                  f"{100 * m['test_accuracy']:.2f} ({100 * m['test_accuracy_min']:.2f}-{100 * m['test_accuracy_max']:.2f})",
                  ratio])
   print(_common.format_table(["contender", "runs", "images/s", "wall s (cold)", "compile s",
-                              "test acc % median (min-max)", "jaxcnn images/s / wall vs it"], rows))
+                              "test acc % median (min-max)", "jaxcnn / it: images/s, wall"], rows))
   payload = {"benchmark": "mnist_recipe", "machine": {**machine, "load_average_end": _common.load_average()},
              "epochs": args.epochs, "seeds": seeds, "rounds": args.rounds, "train_examples": args.train_examples,
              "runs": runs, "medians": medians}
