@@ -51,8 +51,9 @@ def command(tmp_path) -> pathlib.Path:
 
 def _env(tmp_path, **changes) -> dict[str, str]:
   """The test process' environment with PYTHONPATH at this checkout, XDG_CACHE_HOME in tmp_path and
-  JAXCNN_COMPILATION_CACHE removed unless given."""
-  env = {k: v for k, v in os.environ.items() if k != _compile_cache.ENV_VAR}
+  the compilation cache variables (the session's, see conftest.py) removed unless given."""
+  env = {k: v for k, v in os.environ.items()
+         if k != _compile_cache.ENV_VAR and not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))}
   env.update(PYTHONPATH=str(REPO_ROOT), XDG_CACHE_HOME=str(tmp_path / "xdg"))
   env.update(changes)
   return env
