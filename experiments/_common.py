@@ -171,52 +171,34 @@ def fit(model, train_data, *, config, workdir, val_data=None, initial_state=None
 
 # -- predictions ---------------------------------------------------------------------------------------
 
-def predict(model, variables, inputs, targets, *, preprocessing, batch_size: int) -> dict[str, Any]:
-  """Eval-mode predictions of a classifier on raw arrays, prepared with the run's preprocessing spec.
+def predict(trained, inputs, targets, *, batch_size: int) -> dict[str, Any]:
+  """A classifier's test predictions and metrics: one pass of `trained.predict` (the run's
+  preprocessing applied, the last batch padded, one compiled program), scored by the run's loss.
 
   Args:
-    model: the flax module.
-    variables: {"params", "batch_stats"?} (host arrays: `host_variables`).
+    trained: a jaxcnn.train.TrainedModel (what fit returns).
     inputs: raw inputs as given to fit (e.g. uint8 images (N, H, W, C)).
     targets: int class ids (N,).
-    preprocessing: the run's spec (FitResult.preprocessing).
-    batch_size: examples per jitted call (the last batch padded).
+    batch_size: examples per compiled call.
 
   Returns:
-    {"loss": mean softmax cross-entropy, "accuracy", "labels" int (N,), "predictions" int (N,),
+    {"loss": mean of the run's loss, "accuracy", "labels" int (N,), "predictions" int (N,),
      "first_batch": the first batch's prepared inputs, "count": N}.
   """
-  import jax
   import jax.numpy as jnp
 
-  from jaxcnn.data import preprocess
   from jaxcnn.train import get_loss
 
-  loss_fn = get_loss("softmax_cross_entropy")
-
-  @jax.jit
-  def run(variables, raw, labels):
-    x = preprocess(preprocessing, raw)
-    logits = model.apply(variables, x, train=False)
-    return jnp.argmax(logits, axis=-1), loss_fn(logits, labels), x
-
   inputs, targets = np.asarray(inputs), np.asarray(targets, np.int32)
-  count = len(inputs)
-  predictions, losses, first = [], [], None
-  for start in range(0, count, batch_size):
-    raw, labels = inputs[start:start + batch_size], targets[start:start + batch_size]
-    real = len(raw)
-    if real < batch_size:  # one batch shape: one compiled program
-      raw = np.concatenate([raw, np.repeat(raw[:1], batch_size - real, axis=0)])
-      labels = np.concatenate([labels, np.repeat(labels[:1], batch_size - real)])
-    predicted, loss, x = run(variables, raw, labels)
-    predictions.append(np.asarray(predicted)[:real])
-    losses.append(np.asarray(loss, np.float64)[:real])
-    if first is None:
-      first = np.asarray(x)[:real]
-  predictions, losses = np.concatenate(predictions), np.concatenate(losses)
+  outputs = trained.predict(inputs, batch_size=batch_size)
+  losses = np.asarray(get_loss(trained.loss, from_logits=trained.from_logits)(jnp.asarray(outputs), targets),
+                      np.float64)
+  predictions = outputs.argmax(axis=-1)
+  first = inputs[:batch_size]
+  if trained.preprocessing is not None:
+    first = np.asarray(trained.preprocess(first))
   return {"loss": float(losses.mean()), "accuracy": float(np.mean(predictions == targets)), "labels": targets,
-          "predictions": predictions.astype(np.int64), "first_batch": first, "count": int(count)}
+          "predictions": predictions.astype(np.int64), "first_batch": first, "count": int(len(inputs))}
 
 
 def predict_pipeline(model, variables, pipeline) -> dict[str, Any]:

@@ -9,8 +9,14 @@ Then
 overrides any config value (as in the Flax examples and big_vision), e.g. `--config.train.weight_decay=1e-4`
 on every command. Several processes run the same command to form one job (see `run`). Errors that jaxcnn raises on
 purpose (`jaxcnn.errors.JaxcnnError`) are printed as one line, without a traceback, and the process exits
-with the error's code: 2 for bad data/config, 3 for a non-finite loss. Command-line mistakes (an unknown
-`--config.key`, a value of the wrong type, a stray argument) are config errors too: one line, exit 2.
+with the error's code (the table is in jaxcnn/errors.py): 2 for bad data/config or a busy workdir, 3 for
+a non-finite loss, 4 for a lost peer, 5 for a workdir that cannot be written (a full disk), 130 for
+Ctrl-C. Command-line mistakes (an unknown `--config.key`, a value of the wrong type, a stray argument)
+are config errors too: one line, exit 2.
+
+A command holds its workdir's lock (jaxcnn.train.workdir) from the start to the end of the run: a second
+command on the same workdir is refused at once (exit 2, one line naming the holder) and changes nothing.
+A command that fails its checks before writing anything leaves no workdir behind.
 
 Every command compiles through JAX's persistent compilation cache (jaxcnn/_compile_cache.py), so a second
 run loads its programs instead of compiling them: by default in $XDG_CACHE_HOME/jaxcnn/jax-compilation
@@ -68,11 +74,10 @@ def device_info() -> dict[str, Any]:
 
 
 def write_json(path: pathlib.Path, payload: dict[str, Any]) -> None:
-  """Writes JSON atomically (tmp file + rename), so a killed run never leaves half a file."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix(path.suffix + ".tmp")
-  tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=_jsonable) + "\n")
-  os.replace(tmp, path)
+  """Writes JSON atomically (tmp file, fsync, rename), so a killed run or a full disk never leaves half a
+  file; a failed write is a StorageError naming `path`."""
+  from jaxcnn.storage import write_atomic
+  write_atomic(path, json.dumps(payload, indent=2, sort_keys=True, default=_jsonable) + "\n")
 
 
 def _jsonable(value):
@@ -163,6 +168,17 @@ def _shared_workdir(name: str, given: str | None) -> pathlib.Path:
   return pathlib.Path("runs") / name / when
 
 
+def _exit(code: int, *, at_once: bool = False) -> None:
+  """Exits with `code`; `at_once` skips waiting for background threads (an abandoned Orbax save: what
+  was committed is kept, the rest is ignored on resume, as after a kill) and their noise at shutdown."""
+  sys.stdout.flush()
+  sys.stderr.flush()
+  if at_once:
+    logging.shutdown()
+    os._exit(code)
+  sys.exit(code)
+
+
 # -- the persistent compilation cache (jaxcnn/_compile_cache.py) ----------------------------------------
 
 def _add_compilation_cache_key(config) -> None:
@@ -199,8 +215,9 @@ def run(name: str, get_config: Callable[[], Any], main: Callable[[Any, pathlib.P
 
   The job is joined before anything else touches a device (data, model summaries): every process of a
   job runs this same command (the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID
-  variables, or a multi-host TPU VM, describe it). The workdir is created by the experiment only once
-  its config and data have been checked.
+  variables, or a multi-host TPU VM, describe it). Then the workdir's lock is taken (every process of
+  the job shares it); a workdir in which nothing else was written (the config or data failed their
+  checks) is removed again at the end.
   """
   module_name = name.rsplit(".", 1)[-1] if name != "__main__" else pathlib.Path(sys.argv[0]).stem
   default_config = get_config()
@@ -222,15 +239,24 @@ def run(name: str, get_config: Callable[[], Any], main: Callable[[Any, pathlib.P
       _enable_compilation_cache(config)
       _join_job(config)
       workdir = _shared_workdir(module_name, flags.FLAGS.workdir)
-      main(config, workdir)
+      from jaxcnn.train.workdir import workdir_lock
+      with workdir_lock(workdir, remove_if_unused=True):
+        main(config, workdir)
       _report_compilation_cache()
     except errors.JaxcnnError as err:
-      # Exit code 0 is a clean stop (a preempted run saved its checkpoint), not an error.
-      print(f"error: {err}" if err.exit_code else str(err), file=sys.stderr)
-      sys.stdout.flush()
-      sys.exit(err.exit_code)
+      # A stop on SIGTERM/Ctrl-C that committed its checkpoint is reported as such, not as an error.
+      print(str(err) if isinstance(err, errors.Preempted) else f"error: {err}", file=sys.stderr)
+      _exit(err.exit_code, at_once=isinstance(err, errors.StorageError))
     except KeyboardInterrupt:
-      print("interrupted", file=sys.stderr)
-      sys.exit(130)
+      print("interrupted: stopped at once; the checkpoints committed so far are kept (re-run the same command "
+            "to resume)", file=sys.stderr)
+      _exit(130, at_once=True)
+    except Exception as err:  # noqa: BLE001  (a failed write that no write site translated)
+      from jaxcnn.storage import storage_error
+      translated = storage_error(err)
+      if translated is None:
+        raise
+      print(f"error: {translated}", file=sys.stderr)
+      _exit(translated.exit_code, at_once=True)
 
   app.run(_main, flags_parser=_parse_flags)

@@ -5,14 +5,16 @@
 As the textbook does it: the images get Gaussian noise once (noise factor 0.5, clipped to [0, 1]) and
 `jaxcnn.train.fit(model, (noisy, clean))` trains the model (`jaxcnn.models.conv_autoencoder`:
 Conv/MaxPool encoder to 4x4x8, Conv/UpSampling decoder, sigmoid output folded into the loss) to return
-the clean digit under binary cross-entropy. Reports the test reconstruction loss and the PSNR of noisy
+the clean digit under binary cross-entropy; `--config.model=conv_transpose_autoencoder` trains the keras.io
+Conv2DTranspose decoder instead. Reports the test reconstruction loss and the PSNR of noisy
 vs denoised test images against the clean ones, and draws clean / noisy / denoised rows (denoised.png)
 and the loss curves (loss.png). With the defaults (5 epochs, batch 128, Adam 1e-3) the denoised digits
 should come out several dB closer to the clean ones than the noisy inputs (benchmarks/README.md has
 the measured run); about a CPU-minute per epoch.
 
 Outputs in the workdir: summary.json (config, device, results), history.json (per-epoch loss,
-val_loss), denoised.png, loss.png, checkpoints/ (a re-run with the same workdir resumes).
+val_loss), denoised.png, loss.png, model/ (the trained model: `jaxcnn.train.load`), checkpoints/ (a
+re-run with the same workdir resumes).
 """
 from __future__ import annotations
 
@@ -36,13 +38,24 @@ def get_config() -> ml_collections.ConfigDict:
       train_examples=0,       # first N training images (0 = all 60,000)
       test_examples=0,        # first N test images (0 = all 10,000)
   ))
-  config.model = "conv_autoencoder"
+  config.model = "conv_autoencoder"  # or "conv_transpose_autoencoder" (keras.io's Conv2DTranspose decoder)
   # jaxcnn.train.fit's config, passed unchanged: (noisy, clean) float arrays, so normalize "auto" leaves
   # them as they are; binary cross-entropy of the sigmoid of the outputs against the clean pixels
   config.train = default_config(epochs=5, batch_size=128, loss="sigmoid_binary_cross_entropy", optimizer="adam",
                                 learning_rate=1e-3, log_every=100)
   config.num_images = 10          # columns of the clean / noisy / denoised figure
   return config
+
+
+def check_model(name: str) -> None:
+  """ConfigError unless `name` is a registered reconstruction model (conv_autoencoder: UpSampling2D
+  decoder; conv_transpose_autoencoder: keras.io's Conv2DTranspose decoder)."""
+  from jaxcnn import models
+  from jaxcnn.errors import ConfigError
+  reconstruction = [n for n in models.names() if models.spec(n).task == "reconstruction"]
+  if name not in reconstruction:
+    raise ConfigError(f"config: model={name!r} is not a registered reconstruction model; expected one of "
+                      f"{', '.join(reconstruction)}")
 
 
 def add_noise(clean, noise_factor: float, seed: int) -> np.ndarray:
@@ -92,14 +105,13 @@ def _load(config, split: str, count: int):
   return images.astype(np.float32) / 255.0
 
 
-def denoise(model, variables, noisy, *, preprocessing, batch_size: int) -> np.ndarray:
-  """sigmoid(model(noisy)): the denoised images, float32 in [0, 1], batch by batch."""
-  import jax
-
-  from jaxcnn.data import preprocess
-  apply = jax.jit(lambda v, x: jax.nn.sigmoid(model.apply(v, preprocess(preprocessing, x), train=False)))
-  return np.concatenate([np.asarray(apply(variables, noisy[i:i + batch_size]))
-                         for i in range(0, len(noisy), batch_size)])
+def denoise(trained, noisy, *, batch_size: int) -> np.ndarray:
+  """sigmoid(model(noisy)) for a logits model, model(noisy) for one ending in a sigmoid: the denoised
+  images, float32 in [0, 1] (`trained.predict`: the run's preprocessing, one compiled program)."""
+  outputs = trained.predict(noisy, batch_size=batch_size)
+  if trained.from_logits:
+    outputs = 1.0 / (1.0 + np.exp(-outputs.astype(np.float64)))
+  return outputs.astype(np.float32)
 
 
 def plot_denoised(path, clean, noisy, denoised, *, title: str) -> None:
@@ -145,6 +157,7 @@ def main(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
   started = time.perf_counter()
   workdir = pathlib.Path(workdir)
   fit_config = train.validate_config(config.train)
+  check_model(config.model)
 
   # input: clean [0, 1] images -> (noisy, clean) arrays; the test noise is another stream than training's
   clean_train = _load(config, "train", config.data.train_examples)
@@ -157,12 +170,11 @@ def main(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
   result, run, timing = _common.fit(model, (noisy_train, clean_train), config=config.train, workdir=workdir,
                                     val_data=(noisy_test, clean_test))
 
+  result.save(workdir / "model")  # jaxcnn.train.load(workdir / "model") gives it back
+
   # report: test loss, PSNR of noisy and denoised images against the clean ones
-  variables = _common.host_variables(result.state)
-  test_loss = train.evaluate(variables, model, (noisy_test, clean_test), loss=fit_config.loss,
-                             preprocessing=result.preprocessing, batch_size=fit_config.batch_size)["loss"]
-  denoised = denoise(model, variables, noisy_test, preprocessing=result.preprocessing,
-                     batch_size=fit_config.batch_size)
+  test_loss = result.evaluate(noisy_test, clean_test, batch_size=fit_config.batch_size)["loss"]
+  denoised = denoise(result, noisy_test, batch_size=fit_config.batch_size)
   psnr_noisy = float(np.mean(psnr(noisy_test, clean_test)))
   psnr_denoised = float(np.mean(psnr(denoised, clean_test)))
   print(f"test BCE {test_loss:.4f}; PSNR noisy {psnr_noisy:.2f} dB -> denoised {psnr_denoised:.2f} dB")

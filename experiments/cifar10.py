@@ -119,8 +119,7 @@ def main(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
 
   # report: test loss and accuracy, curves, confusion matrix, first-layer filters, feature maps
   variables = _common.host_variables(result.state)
-  evaluation = _common.predict(model, variables, test_images, test_labels, preprocessing=result.preprocessing,
-                               batch_size=config.eval_batch_size)
+  evaluation = _common.predict(result, test_images, test_labels, batch_size=config.eval_batch_size)
   print(f"CIFAR-10 test accuracy {evaluation['accuracy']:.4f} (loss {evaluation['loss']:.4f})")
   figures = []
   if _common.is_primary():

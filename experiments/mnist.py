@@ -11,7 +11,8 @@ Runs offline on a fresh machine: the MNIST IDX files ship in experiments/data/mn
 the data layer as a raw-files directory (`--config.data.data_dir=` empty uses $JAXCNN_DATA_DIR, the
 system dataset folders, then the tfds catalog). The workdir receives checkpoints/, history.json,
 metrics.csv, tb/ (TensorBoard events), summary.json and the figures history.png, confusion_matrix.png,
-filters.png and feature_maps.png. Re-running with the same workdir resumes from the latest checkpoint;
+filters.png and feature_maps.png, and model/ (the trained model: `jaxcnn.train.load(workdir / "model")`
+predicts on raw uint8 images; README.md shows it on a PNG). Re-running with the same workdir resumes from the latest checkpoint;
 a finished run is restored and re-evaluated instead of retrained. Several processes running this
 command form one job (README.md, "Multi-process").
 
@@ -202,9 +203,9 @@ def run_classifier(config: ml_collections.ConfigDict, workdir, *, experiment: st
   result, run, timing = _common.fit(model, data.train, config=train, workdir=workdir)
   if run["reevaluated"]:
     print(f"{workdir}: the run was already complete ({run['epochs']} epochs); restored and re-evaluated")
+  result.save(workdir / "model")  # jaxcnn.train.load(workdir / "model") gives it back
   variables = _common.host_variables(result.state)
-  evaluation = _common.predict(model, variables, *data.test, preprocessing=result.preprocessing,
-                               batch_size=config.eval_batch_size)
+  evaluation = _common.predict(result, *data.test, batch_size=config.eval_batch_size)
   figures = []
   if _common.is_primary():
     figures = _common.save_classifier_figures(workdir, result.history, model, variables, evaluation,
@@ -255,7 +256,8 @@ def _print_report(summary: dict, workdir: pathlib.Path) -> None:
           f"{timing['train_seconds']:.1f} s of which compile {timing['compile_seconds']:.1f} s, "
           f"{timing['images_per_second']:.0f} images/s after compilation) on {where}")
   if workdir.is_dir():
-    files = sorted(p.name + ("/" if p.is_dir() else "") for p in workdir.iterdir() if not p.name.endswith(".tmp"))
+    files = sorted(p.name + ("/" if p.is_dir() else "") for p in workdir.iterdir()
+                   if not p.name.endswith(".tmp") and not p.name.startswith("."))
     print(f"files in {workdir}: {', '.join(files)}")
 
 

@@ -26,13 +26,15 @@ _DPI = 100
 
 def save_figure(fig: Figure, path) -> pathlib.Path:
   """Writes a `matplotlib.figure.Figure` to `path` as PNG (parent folders created; no pyplot state) at
-  the resolution of every figure here, and returns the path. Raises ValueError for a non-.png path."""
+  the resolution of every figure here, and returns the path. The file is written atomically (whole or
+  absent). Raises ValueError for a non-.png path, jaxcnn.errors.StorageError when it cannot be written."""
+  from jaxcnn.storage import atomic_path
   path = pathlib.Path(path)
   if path.suffix.lower() != ".png":
     raise ValueError(f"path: expected a .png file name, got {str(path)!r}")
-  path.parent.mkdir(parents=True, exist_ok=True)
   FigureCanvasAgg(fig)
-  fig.savefig(path, dpi=_DPI)
+  with atomic_path(path) as tmp:
+    fig.savefig(tmp, dpi=_DPI, format="png")
   return path
 
 

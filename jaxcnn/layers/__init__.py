@@ -14,6 +14,7 @@ from jaxcnn.layers.pooling import (AvgPool1D, AvgPool2D, GlobalAvgPool1D, Global
                                    GlobalMaxPool2D, MaxPool1D, MaxPool2D)
 from jaxcnn.layers.reshaping import UpSampling2D, ZeroPadding2D
 from jaxcnn.layers.sequential import Sequential
+from jaxcnn.layers.serialization import architecture_spec, from_architecture_spec
 from jaxcnn.layers.spatial import Cropping2D, SpatialDropout2D
 
 # Keras' names for the same classes (a model transcribed from Keras runs unchanged).
@@ -30,6 +31,7 @@ __all__ = [
     "resolve_activation",
     "Conv1DTranspose", "Conv2DTranspose", "Cropping2D", "DepthwiseConv2D", "GroupNormalization",
     "LayerNormalization", "SeparableConv2D", "SpatialDropout2D",
+    "architecture_spec", "from_architecture_spec",
     # Keras names
     "AveragePooling1D", "AveragePooling2D", "BatchNormalization", "GlobalAveragePooling1D",
     "GlobalAveragePooling2D", "GlobalMaxPooling1D", "GlobalMaxPooling2D", "MaxPooling1D", "MaxPooling2D",

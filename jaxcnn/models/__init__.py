@@ -9,7 +9,7 @@ Registered: mnist_convnet, lenet5, keras_mnist_cnn, mnist_bn_cnn, mnist_fast_cnn
 example's), cifar10_cnn_same, cifar_3conv, vgg16, resnet18, resnet20, conv_autoencoder, airbench,
 mobilenet_cifar, conv_transpose_autoencoder.
 """
-from jaxcnn.models.registry import ModelSpec, get, names, register, spec
+from jaxcnn.models.registry import ModelSpec, get, names, register, registry_entry, spec
 from jaxcnn.models import airbench as _airbench  # noqa: F401  (registers its models)
 from jaxcnn.models import autoencoders as _autoencoders  # noqa: F401
 from jaxcnn.models import mobilenet as _mobilenet  # noqa: F401
@@ -20,4 +20,5 @@ from jaxcnn.models.airbench import AirbenchNet
 from jaxcnn.models.resnet import BasicBlock, ResNet
 from jaxcnn.models.vgg import VGG16
 
-__all__ = ["AirbenchNet", "BasicBlock", "ModelSpec", "ResNet", "VGG16", "get", "names", "register", "spec"]
+__all__ = ["AirbenchNet", "BasicBlock", "ModelSpec", "ResNet", "VGG16", "get", "names", "register", "registry_entry",
+           "spec"]

@@ -114,7 +114,18 @@ def get(name: str, **kwargs) -> nn.Module:
     if unknown:
       raise ValueError(f"model {name!r} got unknown argument(s) {', '.join(unknown)}; it accepts: "
                        f"{', '.join(accepted)}")
-  return model_spec.factory(**kwargs)
+  model = model_spec.factory(**kwargs)
+  if isinstance(model, nn.Module):
+    # Recorded on the instance (not a dataclass field: equality and hashing are unchanged), so that a
+    # trained model can be saved as "registry name + arguments" and rebuilt by `get` (jaxcnn.train.load).
+    object.__setattr__(model, "_jaxcnn_registry_entry", (name, dict(kwargs)))
+  return model
+
+
+def registry_entry(model) -> tuple[str, dict] | None:
+  """(name, kwargs) when `model` is the instance `get(name, **kwargs)` returned, else None (any other
+  module, including clones of a registry model)."""
+  return getattr(model, "_jaxcnn_registry_entry", None)
 
 
 def check_num_classes(num_classes, model: str) -> int:

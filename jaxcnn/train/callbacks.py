@@ -139,10 +139,9 @@ class _FileLogger(Callback):
   def on_epoch_end(self, epoch: int, logs: dict, state) -> None:
     if jax.process_index() != 0:
       return
-    self.path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = self.path.with_name(self.path.name + ".tmp")
-    self._write(tmp)
-    tmp.replace(self.path)  # whole or absent, even if the run is killed while writing
+    from jaxcnn.storage import atomic_path
+    with atomic_path(self.path) as tmp:  # whole or absent, even if the run is killed or the disk fills up
+      self._write(tmp)
 
 
 class CSVLogger(_FileLogger):
@@ -165,7 +164,12 @@ class JSONLogger(_FileLogger):
 
 
 class TensorBoard(Callback):
-  """Writes every epoch metric as a TensorBoard scalar (tensorboardX) under `logdir`, x-axis = epoch."""
+  """Writes every epoch metric as a TensorBoard scalar under `logdir` (an events file per run, x-axis =
+  epoch), flushed at each epoch's end.
+
+  Written in the calling thread with tensorboardX's event writer (not its background thread), so a
+  failed write (a full disk) is raised here as a StorageError naming the file, not lost in a thread.
+  """
 
   def __init__(self, logdir):
     self.logdir = pathlib.Path(logdir)
@@ -174,18 +178,31 @@ class TensorBoard(Callback):
   def on_epoch_end(self, epoch: int, logs: dict, state) -> None:
     if jax.process_index() != 0:
       return
-    if self._writer is None:
-      from tensorboardX import SummaryWriter  # imported on first use: tensorboardX is slow to import
-      self._writer = SummaryWriter(str(self.logdir))
-    for key, value in logs.items():
-      self._writer.add_scalar(key, float(value), epoch + 1)
-    self._writer.flush()
+    from tensorboardX.event_file_writer import EventsWriter  # imported on first use: slow to import
+    from tensorboardX.proto import event_pb2
+    from tensorboardX.summary import scalar
+
+    from jaxcnn.storage import storage_errors
+    with storage_errors(self.logdir):
+      if self._writer is None:
+        self.logdir.mkdir(parents=True, exist_ok=True)
+        self._writer = EventsWriter(str(self.logdir / "events"))
+      now = time.time()
+      for key, value in logs.items():
+        self._writer.write_event(event_pb2.Event(wall_time=now, step=epoch + 1, summary=scalar(key, float(value))))
+      self._writer.flush()
 
   def on_train_end(self, state):
-    if self._writer is not None:
-      self._writer.close()
-      self._writer = None
+    self.close()
     return None
+
+  def close(self) -> None:
+    """Closes the events file (fit does at the end of training, also when it stops on an error)."""
+    if self._writer is not None:
+      writer, self._writer = self._writer, None
+      from jaxcnn.storage import storage_errors
+      with storage_errors(self.logdir):
+        writer.close()
 
 
 class _StdoutHandler(logging.StreamHandler):

@@ -14,9 +14,16 @@ complaint), or that cannot be read, is moved to checkpoints_quarantine/ with a w
 and the folder, and the previous good one is used: the damage is kept for inspection, and the run can
 save that step again when it gets there. A checkpoint whose recorded shapes differ from the model's
 belongs to another model or config and is refused (CheckpointError listing the shapes).
+
+A write that fails (disk full, quota, read-only: Orbax reports it from a background thread at the next
+save, `wait()` or `close()`) raises `StorageError` naming the step's directory and the OS error. Such a
+step was never committed (Orbax renames a step's temporary directory into place only after every write
+of it succeeded, and rotates old steps out only after that), so the latest committed checkpoint is
+untouched; its temporary directory and digest record are removed to give the space back.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -28,13 +35,18 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxcnn.errors import CheckpointError
+from jaxcnn.errors import CheckpointError, StorageError
 from jaxcnn.train.optim import _key_name
 from jaxcnn.train.parallel import fetch
+from jaxcnn.storage import quiet_orbax_storage_noise, storage_errors, write_atomic
 
 _LOG = logging.getLogger(__name__)
 
 _DIGEST_FORMAT = "sha256-v1"
+
+# Checkpointers left with a save in flight (a run stopped at once by a second Ctrl-C); a new Checkpointer
+# of the same workdir in this process waits for them first, so two saves of one step never overlap.
+_ABANDONED: list = []
 
 
 def digest_tree(tree) -> str:
@@ -81,21 +93,29 @@ class Checkpointer:
     self.digest_dir = self.workdir / "checkpoint_digests"
     self.quarantine_dir = self.workdir / "checkpoints_quarantine"
     self._primary = jax.process_index() == 0
-    if self._primary:
-      self.digest_dir.mkdir(parents=True, exist_ok=True)
-    self.manager = ocp.CheckpointManager(
-        self.workdir / "checkpoints", item_handlers=ocp.StandardCheckpointHandler(),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                             create=True))
+    quiet_orbax_storage_noise()
+    for other in [c for c in _ABANDONED if c.workdir == self.workdir]:
+      _ABANDONED.remove(other)
+      with contextlib.suppress(Exception):
+        other.close()
+    with storage_errors(self.workdir / "checkpoints"):
+      if self._primary:
+        self.digest_dir.mkdir(parents=True, exist_ok=True)
+      self.manager = ocp.CheckpointManager(
+          self.workdir / "checkpoints", item_handlers=ocp.StandardCheckpointHandler(),
+          options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                               create=True))
     self.best_metric = best_metric
     self.best_manager = None
     if best_metric:
-      self.best_manager = ocp.CheckpointManager(
-          self.workdir / "best", item_handlers=ocp.StandardCheckpointHandler(),
-          options=ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: float(m[best_metric]),
-                                               best_mode=best_mode, create=True,
-                                               enable_async_checkpointing=async_save))
+      with storage_errors(self.workdir / "best"):
+        self.best_manager = ocp.CheckpointManager(
+            self.workdir / "best", item_handlers=ocp.StandardCheckpointHandler(),
+            options=ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: float(m[best_metric]),
+                                                 best_mode=best_mode, create=True,
+                                                 enable_async_checkpointing=async_save))
     self._pending: set[int] = set()
+    self._pending_best: set[int] = set()
     self.last_good_step: int | None = None
 
   def _committed_steps(self) -> list[int]:
@@ -114,14 +134,17 @@ class Checkpointer:
     if self._primary:
       # The record first: a step Orbax commits always has one (a kill right after the commit must not
       # leave the newest checkpoint unverifiable); a record without a committed step is ignored.
-      self.digest_dir.mkdir(parents=True, exist_ok=True)
       record = {"step": step, "format": _DIGEST_FORMAT, "sha256": digest_tree(tree),
                 "shapes": {k: list(v) for k, v in _shapes(tree).items()}}
-      tmp = self.digest_dir / f"{step}.json.tmp"
-      tmp.write_text(json.dumps(record))
-      tmp.replace(self.digest_dir / f"{step}.json")  # atomic: a digest file is whole or absent
+      # whole or absent; the folder is (re)created inside, so a failure to create it is a StorageError too
+      write_atomic(self.digest_dir / f"{step}.json", json.dumps(record))
     self._pending.add(step)
-    self.manager.save(step, args=ocp.args.StandardSave(tree), force=True)
+    try:
+      with storage_errors(self.workdir / "checkpoints" / str(step)):
+        self.manager.save(step, args=ocp.args.StandardSave(tree), force=True)
+    except BaseException:
+      self._discard_failed(self.manager, self._pending)
+      raise
     return step
 
   def save_best(self, state, metrics: dict) -> None:
@@ -131,14 +154,50 @@ class Checkpointer:
     step = int(fetch(state.step))
     if step in self.best_manager.all_steps():
       return
-    self.best_manager.save(step, args=ocp.args.StandardSave(state.to_checkpoint()),
-                           metrics={k: float(v) for k, v in metrics.items()}, force=True)
+    self._pending_best.add(step)
+    try:
+      with storage_errors(self.workdir / "best" / str(step)):
+        self.best_manager.save(step, args=ocp.args.StandardSave(state.to_checkpoint()),
+                               metrics={k: float(v) for k, v in metrics.items()}, force=True)
+    except BaseException:
+      self._discard_failed(self.best_manager, self._pending_best)
+      raise
+
+  def _discard_failed(self, manager, pending: set[int]) -> None:
+    """After a failed save: the uncommitted steps' temporary directories and digest records removed."""
+    try:
+      manager.reload()
+      committed = set(manager.all_steps())
+    except Exception:  # noqa: BLE001  (an unreadable directory: keep everything)
+      pending.clear()
+      return
+    for step in sorted(pending - committed):
+      if self._primary:
+        for tmp in pathlib.Path(manager.directory).glob(f"{step}.orbax-checkpoint-tmp*"):
+          shutil.rmtree(tmp, ignore_errors=True)
+        if manager is self.manager:
+          (self.digest_dir / f"{step}.json").unlink(missing_ok=True)
+    pending.clear()
+
+  def _wait_for(self, manager, pending: set[int], folder: str) -> None:
+    where = self.workdir / folder
+    try:
+      with storage_errors(where / str(max(pending)) if pending else where):
+        manager.wait_until_finished()
+    except BaseException:
+      self._discard_failed(manager, pending)
+      raise
 
   def wait(self) -> None:
-    """Waits until every started save is committed."""
-    self.manager.wait_until_finished()
+    """Waits until every started save is committed.
+
+    Raises:
+      StorageError: a save failed for lack of space or permission (the step was not committed).
+    """
+    self._wait_for(self.manager, self._pending, "checkpoints")
     if self.best_manager is not None:
-      self.best_manager.wait_until_finished()
+      self._wait_for(self.best_manager, self._pending_best, "best")
+      self._pending_best.clear()
     committed = set(self._committed_steps())
     for step in sorted(self._pending):
       if step in committed:
@@ -151,13 +210,19 @@ class Checkpointer:
           f.unlink(missing_ok=True)
 
   def close(self) -> None:
-    """Waits for pending saves and releases the managers."""
+    """Waits for pending saves and releases the managers (a failed save raises its StorageError once)."""
     try:
       self.wait()
     finally:
-      self.manager.close()
-      if self.best_manager is not None:
-        self.best_manager.close()
+      for manager in (self.manager, self.best_manager):
+        if manager is not None:
+          with contextlib.suppress(StorageError), storage_errors(manager.directory):
+            manager.close()  # a failed save was already reported by wait()
+
+  def abandon(self) -> None:
+    """Leaves saves in flight to finish in the background (no waiting); the next Checkpointer of this
+    workdir in this process waits for them before it starts."""
+    _ABANDONED.append(self)
 
   # -- restoring ------------------------------------------------------------------------------------
 
@@ -206,12 +271,13 @@ class Checkpointer:
     source = self.workdir / "checkpoints" / str(step)
     target = _quarantine_name(self.quarantine_dir, step)
     if self._primary:
-      target.mkdir(parents=True)
-      if source.exists():
-        shutil.move(str(source), str(target / "checkpoint"))
-      record = self.digest_dir / f"{step}.json"
-      if record.exists():
-        shutil.move(str(record), str(target / "digest.json"))
+      with storage_errors(target):
+        target.mkdir(parents=True)
+        if source.exists():
+          shutil.move(str(source), str(target / "checkpoint"))
+        record = self.digest_dir / f"{step}.json"
+        if record.exists():
+          shutil.move(str(record), str(target / "digest.json"))
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices(f"jaxcnn_quarantine_{step}")

@@ -10,8 +10,12 @@ Every feed runs the same program: one jitted lax.scan over a chunk of `log_every
 boundary are masked no-ops), so a run compiles one chunk program whatever its epoch length and wherever
 its batches come from (see jaxcnn.train.feed). Host syncs happen only between chunks, at report
 boundaries (every `log_every` global steps), checkpoint steps and epoch ends: there the loop reports
-progress, checks for a non-finite loss (the device recorded the first bad step), checks for SIGTERM,
-and checkpoints.
+progress, checks for a non-finite loss (the device recorded the first bad step), checks for SIGTERM
+and Ctrl-C, and checkpoints.
+
+A workdir is used by one run at a time: fit holds its lock (jaxcnn.train.workdir) from before its first
+write to its return, and a failed write (disk full, read-only) is a StorageError naming the path and the
+last committed checkpoint, which the same call resumes from once the write can succeed.
 
 Epochs: `state.epoch` counts the epochs a state has trained. A fresh run trains epochs [0, epochs);
 `fit(..., initial_state=s)` trains `epochs` more, [s.epoch, s.epoch + epochs) (Keras' "fit again"),
@@ -35,16 +39,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcnn.data import pipeline as pipeline_lib
-from jaxcnn.errors import ConfigError, DistributedError, JaxcnnError, NonFiniteError
+from jaxcnn.errors import (ConfigError, DistributedError, Interrupted, NonFiniteError, Preempted,  # noqa: F401
+                           StorageError)
 from jaxcnn.train import callbacks as callbacks_lib
 from jaxcnn.train.checkpoint import Checkpointer
 from jaxcnn.train.config import augment_config, augments, best_mode, validate_config
 from jaxcnn.train.feed import ResidentFeed, choose_feed, make_feed
 from jaxcnn.train.losses import get_loss, has_accuracy, resolve_from_logits
+from jaxcnn.train.model import TrainedModel
 from jaxcnn.train.optim import make_optimizer, make_schedule
 from jaxcnn.train.parallel import Strategy, device_count, fetch, make_strategy, maybe_initialize_distributed
 from jaxcnn.train.state import TrainState, create_train_state, init_variables, zero_metric_sums
 from jaxcnn.train.step import make_steps, summarize
+from jaxcnn.train.workdir import workdir_lock
 
 _LOG = logging.getLogger(__name__)
 
@@ -52,18 +59,9 @@ _LOG = logging.getLogger(__name__)
 TRACE_COUNTS: dict[str, int] = {}
 
 
-class Preempted(JaxcnnError):
-  """Training stopped on SIGTERM after saving a checkpoint; re-running the command resumes.
-
-  exit_code 0: a preempted run ended cleanly (experiments exit with it).
-  """
-
-  exit_code = 0
-
-
-@dataclasses.dataclass
-class FitResult:
-  """What fit returns.
+@dataclasses.dataclass(eq=False)
+class FitResult(TrainedModel):
+  """What fit returns: the trained model (a TrainedModel: predict, evaluate, save) and the run's record.
 
   Attributes:
     state: the final TrainState (placed on the devices; pmap: the first replica). Passing it (or this
@@ -75,6 +73,8 @@ class FitResult:
       applies it to raw inputs; format in docs/DESIGN.md), or None for a pipeline without one.
     trained_steps: optimizer steps this call took (0 when the workdir's run was already complete).
     data: {"train_examples", "validation_examples", "batch_size", "steps_per_epoch"}.
+    module, config, class_names, input_shape, input_dtype: the TrainedModel's (the model fit trained,
+      fit's validated config, the training data's class names, one raw example's shape and dtype).
   """
 
   state: TrainState
@@ -82,12 +82,15 @@ class FitResult:
   preprocessing: dict | None = None
   trained_steps: int = 0
   data: dict = dataclasses.field(default_factory=dict)
+  module: Any = dataclasses.field(default=None, kw_only=True)
+  config: Any = dataclasses.field(default=None, kw_only=True)
+  class_names: list = dataclasses.field(default_factory=list, kw_only=True)
+  input_shape: tuple | None = dataclasses.field(default=None, kw_only=True)
+  input_dtype: str | None = dataclasses.field(default=None, kw_only=True)
 
-  def preprocess(self, inputs):
-    """Raw inputs (as given to fit) prepared as the run prepared them: the model's inputs."""
-    if self.preprocessing is None:
-      raise ValueError("FitResult.preprocess: the training pipeline carried no preprocessing spec")
-    return pipeline_lib.preprocess(self.preprocessing, inputs)
+  def __post_init__(self):
+    self.config = validate_config(self.config)
+    self._check_loss()
 
 
 def _count_trace(name: str) -> None:
@@ -185,6 +188,12 @@ def _prepare_data(train_data, val_data, config, preprocessing=None) -> _Data:
 
 # -- state --------------------------------------------------------------------------------------------
 
+def _raw_dtype(pipeline) -> str:
+  """The raw inputs' dtype name: the preprocessing spec's, else what the model sees."""
+  spec = getattr(pipeline, "preprocessing", None)
+  return str(spec["input_dtype"]) if spec is not None else np.dtype(_input_dtype(pipeline)).name
+
+
 def _input_dtype(pipeline):
   """The dtype the model sees: float32 for pixels and floats, other integer inputs unchanged."""
   spec = getattr(pipeline, "preprocessing", None)
@@ -208,7 +217,8 @@ def _start_state(model, pipeline, config, initial, run_steps: int) -> TrainState
     except (ValueError, TypeError) as err:
       raise ConfigError(f"model: cannot take train_data inputs {shape}: {_first_line(err)}") from None
   if not isinstance(initial, TrainState):
-    raise ConfigError(f"initial_state: expected a TrainState or a FitResult, got {type(initial).__name__}")
+    raise ConfigError("initial_state: expected a TrainState or a TrainedModel (a FitResult, a loaded model), "
+                      f"got {type(initial).__name__}")
   epoch, epoch_step = int(fetch(initial.epoch)), int(fetch(initial.epoch_step))
   if epoch_step:
     raise ConfigError(f"initial_state: stopped in the middle of epoch {epoch + 1} (step {epoch_step}); "
@@ -249,8 +259,11 @@ def _check_model_and_targets(model, state, batch, pipeline, config) -> None:
   target = batch[config.target]
   what = f"train_data: targets {tuple(target.shape[1:])} {target.dtype} do not fit loss={config.loss!r} " \
          f"for model outputs {tuple(getattr(outputs, 'shape', ())[1:])}"
+  # A loss that does not fit the model's last activation is the loss's fault, not the targets': its own
+  # message (a softmax applied twice, probabilities read as logits).
+  from_logits = resolve_from_logits(model, config.loss, config.from_logits)
   try:
-    loss_fn = get_loss(config.loss, from_logits=resolve_from_logits(model, config.loss, config.from_logits))
+    loss_fn = get_loss(config.loss, from_logits=from_logits)
     jax.eval_shape(loss_fn, outputs, target)
   except (ValueError, TypeError) as err:
     raise ConfigError(f"{what}: {_first_line(err)}") from None
@@ -362,27 +375,39 @@ class _Evaluator:
     return jax.tree.map(self.strategy.fetch, sums)
 
 
-# -- SIGTERM -------------------------------------------------------------------------------------------
+# -- SIGTERM and Ctrl-C ---------------------------------------------------------------------------------
 
 class _PreemptionFlag:
-  """Sets `requested` on SIGTERM while active (main thread only); restores the old handler after."""
+  """While active (main thread only): SIGTERM or a first Ctrl-C (SIGINT) sets `requested` (the loop
+  checkpoints at the next step boundary and stops); a second Ctrl-C raises KeyboardInterrupt at once.
+  The old handlers are restored after. A SIGINT ignored by the parent (SIG_IGN: a background job) stays
+  ignored."""
 
   def __init__(self):
-    self.requested = False
-    self._old = None
+    self.requested: str | None = None  # the signal's name
+    self._old: dict = {}
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
-      self._old = signal.signal(signal.SIGTERM, self._handle)
+      for signum in (signal.SIGTERM, signal.SIGINT):
+        if signum == signal.SIGINT and signal.getsignal(signum) is signal.SIG_IGN:
+          continue
+        self._old[signum] = signal.signal(signum, self._handle)
     return self
 
   def _handle(self, signum, frame):
-    self.requested = True
-    _LOG.warning("SIGTERM received: checkpointing at the next step boundary, then stopping")
+    if signum == signal.SIGINT and self.requested is not None:
+      _LOG.warning("Ctrl-C again: stopping at once (the checkpoints committed so far are kept)")
+      raise KeyboardInterrupt
+    if self.requested is None:
+      self.requested = signal.Signals(signum).name
+      again = "; Ctrl-C again stops at once" if signum == signal.SIGINT else ""
+      _LOG.warning("%s received: checkpointing at the next step boundary, then stopping%s", self.requested, again)
 
   def __exit__(self, *exc):
-    if self._old is not None:
-      signal.signal(signal.SIGTERM, self._old)
+    for signum, old in self._old.items():
+      signal.signal(signum, old)
+    self._old = {}
 
 
 # -- history ---------------------------------------------------------------------------------------------
@@ -407,7 +432,7 @@ def _with_accuracy(loss: str) -> bool:
 
 @callbacks_lib.root_logger_left_alone()
 def fit(model, train_data, *, config, workdir=None, val_data=None, callbacks: Sequence[Any] = (),
-        initial_state: TrainState | FitResult | None = None) -> FitResult:
+        initial_state: TrainState | TrainedModel | None = None) -> FitResult:
   """Trains `model` on `train_data`; resumes from `workdir`'s latest checkpoint when there is one.
 
   Args:
@@ -421,28 +446,35 @@ def fit(model, train_data, *, config, workdir=None, val_data=None, callbacks: Se
     config: a dict/ConfigDict of training settings (keys and defaults: jaxcnn.train.DEFAULTS),
       validated before anything runs.
     workdir: the run's directory (checkpoints/, checkpoint_digests/, best/, history.json, metrics.csv,
-      tb/), or None (default) for a run that saves nothing.
+      tb/, and .lock: one run at a time), or None (default) for a run that saves nothing.
     val_data: (inputs, targets) arrays or an InputPipeline evaluated after every epoch, or None.
     callbacks: Callback instances (EarlyStopping, CSVLogger, ...) called after every epoch.
-    initial_state: a TrainState or FitResult to continue from: its weights, batch statistics, step, rng
-      and epoch count are kept and `config.epochs` more epochs trained with the config's optimizer,
-      schedule and freeze mask (a fresh optimizer state); a FitResult also brings its preprocessing.
+    initial_state: a TrainState, or a TrainedModel (a FitResult, or `jaxcnn.train.load`'s), to continue
+      from: its weights, batch statistics, step, rng and epoch count are kept and `config.epochs` more
+      epochs trained with the config's optimizer, schedule and freeze mask (a fresh optimizer state); a
+      TrainedModel also brings its preprocessing.
       Never donated. A checkpoint of this run in workdir takes precedence (the run resumes).
 
   Returns:
-    FitResult(state, history, preprocessing, trained_steps, data).
+    FitResult(state, history, preprocessing, trained_steps, data): a TrainedModel (predict, evaluate,
+    save; jaxcnn.train.model) with the run's record.
 
   Raises:
     ConfigError: bad config values, data, model inputs or targets (before anything is compiled).
     CheckpointError: workdir holds checkpoints of another model.
     NonFiniteError: the loss became NaN/Inf; names the step; the last good checkpoint stays the latest.
     Preempted: SIGTERM arrived; a checkpoint of the current step was committed first (exit code 0).
+    Interrupted: Ctrl-C (SIGINT) arrived; as for SIGTERM (exit code 130). A second Ctrl-C raises
+      KeyboardInterrupt at once, without waiting for a save in flight.
+    WorkdirBusyError: another live run holds workdir's lock (jaxcnn.train.workdir); nothing was written.
+    StorageError: a file of the run could not be written (disk full, read-only, permission): names the path
+      and the last committed checkpoint, which is intact; an unwritable workdir is refused before training.
     DistributedError: a peer process of a multi-process run failed.
   """
   # config -> job -> data
   config = validate_config(config)
   multi = maybe_initialize_distributed(config.distributed_init_timeout_s, config.heartbeat_timeout_s)
-  if isinstance(initial_state, FitResult):
+  if isinstance(initial_state, TrainedModel):
     data = _prepare_data(train_data, val_data, config, initial_state.preprocessing)
     initial_state = initial_state.state
   else:
@@ -476,7 +508,15 @@ def fit(model, train_data, *, config, workdir=None, val_data=None, callbacks: Se
                evaluate_val=(_Evaluator(strategy, eval_step, data.val, config.feed, chunk)
                              if data.val is not None else None))
 
-  # checkpoint -> resume -> epochs
+  # lock -> checkpoint -> resume -> epochs (nothing was written before this point)
+  with workdir_lock(workdir) if workdir is not None else contextlib.nullcontext():
+    return _train(model, config, data, strategy, loop, state, workdir, callbacks, multi, steps_per_epoch,
+                  first_epoch)
+
+
+def _train(model, config, data: _Data, strategy: Strategy, loop: "_Loop", state, workdir, callbacks, multi: bool,
+           steps_per_epoch: int, first_epoch: int) -> FitResult:
+  """fit's part that writes to the workdir (under its lock): resume, the epochs, the end of training."""
   loop.checkpointer, state = _resume(workdir, config, strategy, state)
   resumed_at = int(fetch(strategy.local_state(state).step))
   callbacks = list(callbacks)
@@ -485,21 +525,33 @@ def fit(model, train_data, *, config, workdir=None, val_data=None, callbacks: Se
                   callbacks_lib.CSVLogger(workdir / "metrics.csv"), callbacks_lib.TensorBoard(workdir / "tb")]
   try:
     state, history, global_step = loop.run(state, callbacks, workdir, first_epoch)
+    final = strategy.local_state(state)
+    for cb in callbacks:
+      replaced = cb.on_train_end(final)
+      if replaced is not None:
+        final = replaced
   except jax.errors.JaxRuntimeError as err:
     if multi:
       raise DistributedError(f"multi-process: a collective failed at step ~{loop.global_step} (a peer process "
                              f"probably died): {_first_line(err)}") from err
     raise
+  except StorageError as err:
+    last = loop.checkpointer.last_good_step if loop.checkpointer is not None else None
+    where = (f"the last committed checkpoint, step {last}, is intact: the same command resumes from it"
+             if last is not None else "no checkpoint was committed: the same command starts the run again")
+    raise StorageError(f"{err}; {where}", errno=err.errno, filename=err.filename) from None
+  finally:
+    for cb in callbacks:
+      if isinstance(cb, callbacks_lib.TensorBoard):
+        with contextlib.suppress(StorageError):
+          cb.close()  # also when training stopped on an error (a full disk already reported)
 
-  final = strategy.local_state(state)
-  for cb in callbacks:
-    replaced = cb.on_train_end(final)
-    if replaced is not None:
-      final = replaced
   counts = {"train_examples": int(data.train.num_examples),
             "validation_examples": int(data.val.num_examples) if data.val is not None else 0,
             "batch_size": int(data.train.batch_size), "steps_per_epoch": steps_per_epoch}
-  return FitResult(final, history, data.preprocessing, global_step - resumed_at, counts)
+  return FitResult(final, history, data.preprocessing, global_step - resumed_at, counts, module=model, config=config,
+                   class_names=list(getattr(data.train, "class_names", None) or []),
+                   input_shape=tuple(data.train.image_shape), input_dtype=_raw_dtype(data.train))
 
 
 def _resume(workdir, config, strategy: Strategy, state):
@@ -544,6 +596,7 @@ class _Loop:
     progress = callbacks_lib.Progress(config.progress, total, self.global_step)
     for cb in callbacks:
       cb.on_train_begin(history)
+    stopped_at_once = False
     try:
       with _PreemptionFlag() as preemption:
         for epoch in range(start_epoch, self.last_epoch):
@@ -553,10 +606,16 @@ class _Loop:
           if stop:
             _LOG.info("stopping early after epoch %d", epoch + 1)
             break
+    except KeyboardInterrupt:
+      stopped_at_once = True  # a second Ctrl-C: no waiting for a save in flight (it commits or is ignored)
+      raise
     finally:
       progress.close()
       if self.checkpointer is not None:
-        self.checkpointer.close()
+        if stopped_at_once:
+          self.checkpointer.abandon()
+        else:
+          self.checkpointer.close()
     return state, history, self.global_step
 
   def _epoch(self, state, first_bad, epoch: int, epoch_step: int, progress, preemption):
@@ -577,7 +636,7 @@ class _Loop:
         if checkpointer is not None and epoch_step < self.steps_per_epoch and (at_checkpoint or preemption.requested):
           checkpointer.save(strategy.local_state(state))
         if preemption.requested:
-          _stop_preempted(checkpointer, strategy, state)
+          _stop_preempted(checkpointer, strategy, state, preemption.requested)
     return state, first_bad, metrics
 
   def _end_epoch(self, state, first_bad, epoch: int, metrics, history: dict, callbacks, progress, preemption):
@@ -599,7 +658,7 @@ class _Loop:
       checkpointer.save(strategy.local_state(state))
       checkpointer.save_best(strategy.local_state(state), logs)
     if preemption.requested:
-      _stop_preempted(checkpointer, strategy, state)
+      _stop_preempted(checkpointer, strategy, state, preemption.requested)
     return state, any(getattr(cb, "stop_training", False) for cb in callbacks)
 
   def _sync(self, state, first_bad, epoch: int) -> dict:
@@ -618,12 +677,14 @@ class _Loop:
     return summarize(jax.tree.map(fetch, host.metric_sums), with_accuracy=self.with_acc)
 
 
-def _stop_preempted(checkpointer, strategy: Strategy, state):
+def _stop_preempted(checkpointer, strategy: Strategy, state, signame: str):
+  """Raises Preempted (SIGTERM) or Interrupted (SIGINT) once the current step's checkpoint is committed."""
+  error = Interrupted if signame == "SIGINT" else Preempted
   if checkpointer is None:
-    raise Preempted("SIGTERM: stopped without a checkpoint (no workdir)")
+    raise error(f"{signame}: stopped without a checkpoint (no workdir)")
   step = checkpointer.save(strategy.local_state(state))
   checkpointer.wait()
-  raise Preempted(f"SIGTERM: checkpoint step {step} saved in {checkpointer.workdir}; re-run to resume")
+  raise error(f"{signame}: checkpoint step {step} saved in {checkpointer.workdir}; re-run to resume")
 
 
 def evaluate(state_or_variables, model, data, *, loss: str = "softmax_cross_entropy",

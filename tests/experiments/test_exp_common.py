@@ -37,21 +37,20 @@ def test_recipes_import_no_other_recipe_except_the_declared_variant():
 
 
 def test_predict_pads_the_last_batch_and_applies_the_preprocessing():
-  import jax
-
   from jaxcnn import layers as L
-  from jaxcnn.data import from_arrays
+  from jaxcnn.data import from_arrays, preprocess
+  from jaxcnn.train import TrainedModel, create_train_state
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (10, 4, 4, 1), dtype=np.uint8)
   labels = rng.integers(0, 3, 10).astype(np.int32)
   spec = from_arrays(images, labels, batch_size=5, seed=0).preprocessing
   model = L.Sequential([L.Flatten(), L.Dense(3)])
-  variables = model.init(jax.random.key(0), np.zeros((1, 4, 4, 1), np.float32))
-  got = _common.predict(model, variables, images, labels, preprocessing=spec, batch_size=4)
-  from jaxcnn.data import preprocess
-  logits = np.asarray(model.apply(variables, preprocess(spec, images)))
+  trained = TrainedModel(model, create_train_state(model, (4, 4, 1)), preprocessing=spec)
+  got = _common.predict(trained, images, labels, batch_size=4)
+  logits = np.asarray(model.apply(trained.variables, preprocess(spec, images)))
   assert got["count"] == 10 and got["predictions"].tolist() == logits.argmax(-1).tolist()
   assert got["accuracy"] == pytest.approx(np.mean(logits.argmax(-1) == labels))
+  assert got["loss"] == pytest.approx(trained.evaluate(images, labels, batch_size=4)["loss"], rel=1e-6)
   assert got["first_batch"].shape == (4, 4, 4, 1)
 
 

@@ -16,6 +16,7 @@ from experiments import _common, _runner, mnist
 from jaxcnn.errors import ConfigError
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+SHIPPED_MNIST_DIR = REPO_ROOT / "experiments" / "data" / "mnist"
 SECTIONS = {"schema", "experiment", "results", "data", "run", "timing", "device", "figures", "config", "finished_at"}
 FIGURES = ("history.png", "confusion_matrix.png", "filters.png", "feature_maps.png")
 
@@ -105,6 +106,7 @@ def test_tiny_run_writes_summary_history_figures_then_reevaluates(tiny_digits, t
   for name in FIGURES:
     _check_png(workdir / name)
   assert saved["figures"] == list(FIGURES)
+  _check_readme_snippet_loads_the_model_and_predicts_a_png(workdir, tmp_path)
 
   # Same workdir: the finished run is restored and re-evaluated, not retrained; same test result.
   again = mnist.main(_config(tiny_digits, model="mnist_convnet"), workdir)
@@ -113,6 +115,28 @@ def test_tiny_run_writes_summary_history_figures_then_reevaluates(tiny_digits, t
   assert again["results"]["test_loss"] == pytest.approx(results["test_loss"], rel=1e-5)
   assert again["timing"]["images_per_second"] == pytest.approx(timing["images_per_second"])
   assert json.loads((workdir / "history.json").read_text())["epoch"] == [1]
+
+
+def _check_readme_snippet_loads_the_model_and_predicts_a_png(workdir, tmp_path):
+  """README's snippet, run as written on a dark-on-white PNG of a test digit, with the run's model/."""
+  import contextlib
+  import io
+
+  from _exp_tiny_idx import _read_idx
+
+  from jaxcnn import train
+  readme = (REPO_ROOT / "README.md").read_text()
+  blocks = [b.split("```", 1)[0] for b in readme.split("```python\n")[1:]]
+  (snippet,) = [b for b in blocks if 'train.load("runs/mnist/NAME/model")' in b]
+  digit = _read_idx(SHIPPED_MNIST_DIR / "t10k-images-idx3-ubyte.gz", 3)[0]
+  png = tmp_path / "digit.png"
+  Image.fromarray(255 - digit).save(png)                  # as a user draws it: dark ink on white
+  code = snippet.replace("runs/mnist/NAME/model", str(workdir / "model")).replace("digit.png", str(png))
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    exec(compile(code, "README.md", "exec"), {})
+  expected = int(train.load(workdir / "model").predict(digit[None]).argmax())
+  assert printed.getvalue() == f"digit: {expected}\n"
 
 
 @pytest.mark.slow

@@ -156,11 +156,11 @@ def write_tiny_mnist(root: pathlib.Path, train: int = 320, test: int = 96) -> pa
 
 
 def mnist_cli(workdir, data_root, *overrides, timeout: float = 600, env: dict | None = None,
-              popen: bool = False):
+              popen: bool = False, **popen_kwargs):
   """`python -m experiments.mnist` on the tiny digits of `data_root` with small sizes, plus `overrides`.
 
   Returns the CompletedProcess (stdout and stderr apart), or with popen=True the running Popen (stderr
-  merged into stdout, so a long run cannot block on a full stderr pipe).
+  merged into stdout, so a long run cannot block on a full stderr pipe); popen_kwargs go to Popen.
   """
   args = [sys.executable, "-m", "experiments.mnist", f"--workdir={workdir}", "--config.data.dataset=tiny_digits",
           f"--config.data.data_dir={data_root}", f"--config.data.tfds_data_dir={pathlib.Path(data_root) / 'tfds'}",
@@ -169,5 +169,6 @@ def mnist_cli(workdir, data_root, *overrides, timeout: float = 600, env: dict | 
           "--config.train.warmup_steps=2", *overrides]
   env = clean_env(**(env or {}))
   if popen:
-    return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            **popen_kwargs)
   return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
