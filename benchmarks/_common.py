@@ -24,6 +24,58 @@ def cpu_model() -> str:
   return platform.processor() or "unknown"
 
 
+def cpu_flags() -> set[str]:
+  """The feature flags of the first CPU in /proc/cpuinfo (empty where it is not readable)."""
+  try:
+    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith(("flags", "Features")):
+        return set(line.split(":", 1)[1].split())
+  except OSError:
+    pass
+  return set()
+
+
+def _cpu_ghz() -> float | None:
+  """The nominal clock from the model name ("... @ 2.60GHz"), else the highest current "cpu MHz"."""
+  import re
+  model = re.search(r"@\s*([0-9.]+)\s*GHz", cpu_model())
+  if model:
+    return float(model.group(1))
+  try:
+    mhz = [float(line.split(":", 1)[1]) for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines()
+           if line.startswith("cpu MHz")]
+  except (OSError, ValueError):
+    mhz = []
+  return max(mhz) / 1000.0 if mhz else None
+
+
+def cpu_peak(cores: int | None = None, *, flags: set[str] | None = None, ghz: float | None = None,
+             fma_units: int | None = None) -> dict:
+  """The fp32 peak of `cores` cores derived from the CPU's own flags, as
+  cores x GHz x SIMD lanes x 2 (FMA: a multiply and an add) x FMA units per core.
+
+  Lanes: 16 with avx512f, 8 with avx/avx2, 4 otherwise (SSE). FMA units: 2 on AVX2/AVX-512 cores (Intel
+  Haswell and later, AMD Zen 2 and later); 1 on AMD Zen 1 (AVX2 without clwb: 256-bit work split in
+  two halves); `fma_units` overrides (e.g. 1 for Xeon Silver/Bronze AVX-512 parts, which flags cannot
+  tell). Without FMA a multiply and an add issue separately (still 2 FLOPs per lane per cycle on the two
+  ports), counted as 1 unit of 2. Returns {"gflops", "cores", "ghz", "lanes", "fma", "fma_units", "how"}.
+  """
+  flags = cpu_flags() if flags is None else flags
+  cores = usable_cores() if cores is None else cores
+  ghz = _cpu_ghz() if ghz is None else ghz
+  lanes = 16 if "avx512f" in flags else 8 if ("avx2" in flags or "avx" in flags) else 4
+  fma = "fma" in flags or "avx512f" in flags
+  if fma_units is None:
+    fma_units = 1 if (not fma or ("avx2" in flags and "avx512f" not in flags and "sse4a" in flags
+                                 and "clwb" not in flags)) else 2
+  isa = "AVX-512" if lanes == 16 else "AVX2" if "avx2" in flags else "AVX" if lanes == 8 else "SSE"
+  gflops = cores * (ghz or 0.0) * lanes * 2 * fma_units
+  how = (f"{cores} cores x {ghz or 0:.2f} GHz x {lanes} fp32 lanes ({isa}{'+FMA' if fma else ''}) x 2 x "
+         f"{fma_units} FMA unit(s)")
+  return {"gflops": gflops, "cores": cores, "ghz": ghz, "lanes": lanes, "fma": fma, "fma_units": fma_units,
+          "isa": isa, "how": how}
+
+
 def usable_cores() -> int:
   """Cores this process may run on (its affinity mask), which is what every contender is given."""
   try:
@@ -48,6 +100,8 @@ def machine_info() -> dict:
       "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
       "cpu": cpu_model(),
       "cores": usable_cores(),
+      "cpu_flags": sorted(cpu_flags() & {"avx", "avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "sse4_2"}),
+      "cpu_peak": cpu_peak(),
       "load_average_start": load_average(),
       "python": platform.python_version(),
       "jax": jax.__version__,

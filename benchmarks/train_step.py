@@ -261,8 +261,9 @@ def main(argv=None) -> dict:
   parser.add_argument("--steps", type=int, default=20, help="steps per measurement")
   parser.add_argument("--repeats", type=int, default=7, help="interleaved rounds")
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--peak_gflops", type=float, default=166.0,
-                      help="the CPU's fp32 peak, for %% of peak (default: 166, this machine's 2 cores)")
+  parser.add_argument("--peak_gflops", type=float, default=None,
+                      help="the CPU's fp32 peak, for %% of peak (default: derived from /proc/cpuinfo's flags, "
+                           "clock and the usable cores; see benchmarks/_common.cpu_peak)")
   parser.add_argument("--flax_scan", action="store_true", help="also time plain Flax inside one lax.scan")
   parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/train_step.json)")
   args = parser.parse_args(argv)
@@ -276,6 +277,10 @@ def main(argv=None) -> dict:
 
   import torch
   cores = _common.usable_cores()
+  if args.peak_gflops is None:
+    peak = _common.cpu_peak(cores)
+    args.peak_gflops = peak["gflops"]
+    print(f"peak {peak['gflops']:.0f} GFLOP/s fp32: {peak['how']}")
   torch_threads = _common.set_torch_threads(torch, cores)
   payload = {"benchmark": "train_step", "machine": _common.machine_info(),
              "settings": {**vars(args), "torch_threads": torch_threads, "optimizer": "adam",

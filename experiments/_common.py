@@ -11,7 +11,8 @@ README.md, "summary.json"):
   run          epochs in the history, epochs trained by this invocation, the epoch it resumed after,
                whether it only re-evaluated a finished run
   timing       wall seconds (since main and since process start) and, for training runs, fit's seconds,
-               compile seconds, images per second after compilation and the seconds of each epoch
+               compile seconds, images per second after compilation and the seconds of each epoch;
+               compilation_cache: this process' persistent compilation cache (enabled, dir, hits, misses)
   device       device kind, platform, device and process counts, host, jax version
   figures      the PNG files written to the workdir
   config       the whole config
@@ -297,6 +298,7 @@ def write_summary(workdir, *, experiment: str, config, results: dict, data: dict
   if started is not None:
     timing["wall_seconds"] = time.perf_counter() - started
   timing["wall_seconds_since_process_start"] = time.time() - _runner.PROCESS_START
+  timing["compilation_cache"] = _runner.compilation_cache_info()
   summary = {"schema": SUMMARY_SCHEMA, "experiment": experiment, "results": results, "data": data,
              "run": dict(run or {}), "timing": timing, "device": _runner.device_info(),
              "figures": [pathlib.Path(f).name for f in figures], "config": config.to_dict(),

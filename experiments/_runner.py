@@ -17,6 +17,12 @@ are config errors too: one line, exit 2.
 A command holds its workdir's lock (jaxcnn.train.workdir) from the start to the end of the run: a second
 command on the same workdir is refused at once (exit 2, one line naming the holder) and changes nothing.
 A command that fails its checks before writing anything leaves no workdir behind.
+
+Every command compiles through JAX's persistent compilation cache (jaxcnn/_compile_cache.py), so a second
+run loads its programs instead of compiling them: by default in $XDG_CACHE_HOME/jaxcnn/jax-compilation
+(~/.cache/...), moved or turned off with `--config.compilation_cache=DIR|off` (a key every experiment's
+config gets) or JAXCNN_COMPILATION_CACHE=DIR|off; summary.json's timing.compilation_cache counts the
+hits and misses.
 """
 from __future__ import annotations
 
@@ -173,6 +179,36 @@ def _exit(code: int, *, at_once: bool = False) -> None:
   sys.exit(code)
 
 
+# -- the persistent compilation cache (jaxcnn/_compile_cache.py) ----------------------------------------
+
+def _add_compilation_cache_key(config) -> None:
+  """Gives every experiment's config the key `compilation_cache`: "" (JAXCNN_COMPILATION_CACHE, else the
+  per-user directory), a directory, or "off"."""
+  if "compilation_cache" not in config.keys():
+    with config.unlocked():
+      config.compilation_cache = ""
+
+
+def _enable_compilation_cache(config) -> None:
+  """Turns on the persistent compilation cache before anything compiles (see jaxcnn/_compile_cache.py)."""
+  from jaxcnn import _compile_cache
+  setting = config.get("compilation_cache", "") if hasattr(config, "get") else ""
+  if not isinstance(setting, str):
+    _usage_error(f"--config.compilation_cache={setting!r}: expected a directory, 'off' or ''")
+  _compile_cache.enable(setting)
+
+
+def compilation_cache_info() -> dict[str, Any]:
+  """This process' compilation cache: directory, hits, misses, seconds saved (for summary.json)."""
+  from jaxcnn import _compile_cache
+  return _compile_cache.stats()
+
+
+def _report_compilation_cache() -> None:
+  from jaxcnn import _compile_cache
+  print(_compile_cache.describe())
+
+
 def run(name: str, get_config: Callable[[], Any], main: Callable[[Any, pathlib.Path], Any]) -> None:
   """Parses flags, joins a multi-process job, sets up logging and the workdir, calls `main(config, workdir)`,
   maps errors to exit codes.
@@ -185,6 +221,7 @@ def run(name: str, get_config: Callable[[], Any], main: Callable[[Any, pathlib.P
   """
   module_name = name.rsplit(".", 1)[-1] if name != "__main__" else pathlib.Path(sys.argv[0]).stem
   default_config = get_config()
+  _add_compilation_cache_key(default_config)
   check_overrides(default_config, sys.argv)
   config_flags.DEFINE_config_dict("config", default_config, f"{module_name} configuration.")
   flags.DEFINE_string("workdir", None, f"Run directory (default runs/{module_name}/<timestamp>); "
@@ -199,11 +236,13 @@ def run(name: str, get_config: Callable[[], Any], main: Callable[[Any, pathlib.P
       logging.getLogger(noisy).setLevel(logging.WARNING)
     config = flags.FLAGS.config
     try:
+      _enable_compilation_cache(config)
       _join_job(config)
       workdir = _shared_workdir(module_name, flags.FLAGS.workdir)
       from jaxcnn.train.workdir import workdir_lock
       with workdir_lock(workdir, remove_if_unused=True):
         main(config, workdir)
+      _report_compilation_cache()
     except errors.JaxcnnError as err:
       # A stop on SIGTERM/Ctrl-C that committed its checkpoint is reported as such, not as an error.
       print(str(err) if isinstance(err, errors.Preempted) else f"error: {err}", file=sys.stderr)

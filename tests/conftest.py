@@ -34,6 +34,33 @@ def shared_datasets() -> pathlib.Path:
   return SHARED_DATASETS
 
 
+# The environment a session-wide persistent compilation cache gives subprocesses: the experiment commands
+# read JAXCNN_COMPILATION_CACHE; every other JAX process (the training workers) reads JAX's own variables,
+# with the thresholds jaxcnn/_compile_cache.py uses (every program stored; a size limit, hence file locks).
+def _compilation_cache_env(directory: str) -> dict[str, str]:
+  from jaxcnn import _compile_cache
+  return {_compile_cache.ENV_VAR: directory, "JAX_COMPILATION_CACHE_DIR": directory,
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
+          "JAX_COMPILATION_CACHE_MAX_SIZE": str(_compile_cache.MAX_BYTES)}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_compilation_cache(tmp_path_factory):
+  """One persistent compilation cache for the session's subprocesses: a command or worker the tests start
+  many times compiles its programs once, and no test writes the user's own cache. The test process itself
+  compiles as before (jax read its configuration at import). xdist workers share the directory (JAX locks
+  it). An explicit JAXCNN_COMPILATION_CACHE (a directory, or "off") is kept, and then nothing is set."""
+  if "JAXCNN_COMPILATION_CACHE" not in os.environ:
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+      base = base.parent  # the directory every worker's basetemp lives in
+    directory = base / "jax-compilation"
+    directory.mkdir(parents=True, exist_ok=True)
+    for key, value in _compilation_cache_env(str(directory)).items():
+      os.environ.setdefault(key, value)
+  yield
+
+
 def pytest_collection_modifyitems(config, items):
   """Tests marked `slow` run only with JAXCNN_SLOW_TESTS=1 (the default run stays under ~10 min)."""
   if os.environ.get("JAXCNN_SLOW_TESTS") == "1":
