@@ -107,7 +107,10 @@ def test_conv1d_transpose_reproduces_keras(keras, tmp_path):
   ours = L.Sequential([L.Conv1DTranspose(5, 3, strides=2, padding="same", activation="relu"),
                        L.Conv1DTranspose(2, 4, strides=3, padding="valid", output_padding=1)])
   x = np.random.default_rng(3).normal(size=(2, 9, 3)).astype(np.float32)
-  _import_and_compare(keras, keras_model, ours, x, tmp_path)
+  read = _import_and_compare(keras, keras_model, ours, x, tmp_path)  # outputs compared to Keras' inside
+  # Keras' Conv1DTranspose layout (kernel, out_channels, in_channels), read under the jaxcnn names.
+  assert [w.shape for w in read["conv1d_transpose"]] == [(3, 5, 3), (5,)]
+  assert [w.shape for w in read["conv1d_transpose_1"]] == [(4, 2, 5), (2,)]
 
 
 @pytest.mark.oracle
