@@ -28,10 +28,9 @@ def digits(tmp_path_factory):
   return write_tiny_mnist(tmp_path_factory.mktemp("digits"))
 
 
-def test_sigterm_checkpoints_exits_0_and_the_same_command_resumes(digits, tmp_path):
-  workdir = tmp_path / "run"
-  command = ("--config.train.epochs=3",)
-  proc = mnist_cli(workdir, digits, *command, popen=True)
+def _signal_at(proc, prefix: str, signum) -> tuple[str, float]:
+  """Reads the command's output until a line starting with `prefix`, sends `signum`, waits for the exit:
+  (all output, seconds from the signal to the exit)."""
   lines = []
   try:
     deadline = time.monotonic() + 480
@@ -40,16 +39,23 @@ def test_sigterm_checkpoints_exits_0_and_the_same_command_resumes(digits, tmp_pa
       if not line:
         break
       lines.append(line)
-      if line.startswith("epoch 1/3 loss="):  # mid-run: epoch 2 of 3 is starting
+      if line.startswith(prefix):
         break
-    assert any(l.startswith("epoch 1/3 loss=") for l in lines), "".join(lines)
-    proc.send_signal(signal.SIGTERM)
+    assert any(l.startswith(prefix) for l in lines), "".join(lines)
+    proc.send_signal(signum)
     signalled = time.monotonic()
     rest, _ = proc.communicate(timeout=EXIT_BOUND_S * 4)
     elapsed = time.monotonic() - signalled
   finally:
     proc.kill()
-  output = "".join(lines) + rest
+  return "".join(lines) + rest, elapsed
+
+
+def test_sigterm_checkpoints_exits_0_and_the_same_command_resumes(digits, tmp_path):
+  workdir = tmp_path / "run"
+  command = ("--config.train.epochs=3",)
+  proc = mnist_cli(workdir, digits, *command, popen=True)
+  output, elapsed = _signal_at(proc, "epoch 1/3 loss=", signal.SIGTERM)  # mid-run: epoch 2 of 3 is starting
   assert proc.returncode == 0, output[-3000:]
   assert elapsed < EXIT_BOUND_S, f"took {elapsed:.1f} s to stop"
   assert "Traceback" not in output
@@ -136,24 +142,7 @@ def test_ctrl_c_through_the_command_checkpoints_and_exits_130_with_a_resume_hint
   # Ctrl-C as in a terminal (a command started from a background job inherits SIGINT ignored).
   proc = mnist_cli(workdir, digits, "--config.train.epochs=2", popen=True,
                    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-  lines = []
-  try:
-    deadline = time.monotonic() + 480
-    while time.monotonic() < deadline:
-      line = proc.stdout.readline()
-      if not line:
-        break
-      lines.append(line)
-      if line.startswith("step 3/"):  # training, in epoch 1 of 2
-        break
-    assert any(l.startswith("step 3/") for l in lines), "".join(lines)
-    proc.send_signal(signal.SIGINT)
-    signalled = time.monotonic()
-    rest, _ = proc.communicate(timeout=EXIT_BOUND_S * 4)
-    elapsed = time.monotonic() - signalled
-  finally:
-    proc.kill()
-  output = "".join(lines) + rest
+  output, elapsed = _signal_at(proc, "step 3/", signal.SIGINT)  # training, in epoch 1 of 2
   assert proc.returncode == 130, output[-3000:]
   assert elapsed < EXIT_BOUND_S, f"took {elapsed:.1f} s to stop"
   assert "Traceback" not in output and "error: SIGINT" not in output
