@@ -38,6 +38,17 @@ def _child_env() -> dict[str, str]:
   return env
 
 
+def _run_timed(args: list[str]) -> float:
+  """Runs `python -m <module> ...` as a fresh process; its wall time from start to exit (SystemExit with
+  the end of its stderr when it fails)."""
+  started = time.perf_counter()
+  proc = subprocess.run(args, cwd=REPO, env=_child_env(), capture_output=True, text=True)
+  wall = time.perf_counter() - started
+  if proc.returncode != 0:
+    raise SystemExit(f"error: {args[2]} exited {proc.returncode}: {proc.stderr.strip()[-500:]}")
+  return wall
+
+
 def run_jaxcnn(scratch: pathlib.Path, *, epochs: int, seed: int, data_dir, train_examples: int) -> dict:
   """One cold `python -m experiments.mnist` (fresh workdir, empty compilation cache)."""
   workdir = pathlib.Path(tempfile.mkdtemp(prefix="jaxcnn-", dir=scratch))
@@ -48,11 +59,7 @@ def run_jaxcnn(scratch: pathlib.Path, *, epochs: int, seed: int, data_dir, train
     args.append(f"--config.data.data_dir={data_dir}")
   if train_examples:
     args.append(f"--config.data.train_examples={train_examples}")
-  started = time.perf_counter()
-  proc = subprocess.run(args, cwd=REPO, env=_child_env(), capture_output=True, text=True)
-  wall = time.perf_counter() - started
-  if proc.returncode != 0:
-    raise SystemExit(f"error: experiments.mnist exited {proc.returncode}: {proc.stderr.strip()[-500:]}")
+  wall = _run_timed(args)
   summary = json.loads((workdir / "run" / "summary.json").read_text())
   timing = summary["timing"]
   return {"contender": "jaxcnn", "seed": seed, "wall_seconds": wall, "images_per_second": timing["images_per_second"],
@@ -72,11 +79,7 @@ def run_torch(scratch: pathlib.Path, *, epochs: int, seed: int, init: str, data_
     args.append(f"--train-examples={train_examples}")
   if threads:
     args.append(f"--threads={threads}")
-  started = time.perf_counter()
-  proc = subprocess.run(args, cwd=REPO, env=_child_env(), capture_output=True, text=True)
-  wall = time.perf_counter() - started
-  if proc.returncode != 0:
-    raise SystemExit(f"error: benchmarks.mnist_torch exited {proc.returncode}: {proc.stderr.strip()[-500:]}")
+  wall = _run_timed(args)
   result = json.loads(out.read_text())
   return {"contender": f"torch (init {init})", "seed": seed, "wall_seconds": wall,
           "images_per_second": result["images_per_second"], "train_seconds": result["train_seconds"],
