@@ -334,6 +334,7 @@ class TrainedModel:
       StorageError: it cannot be written (disk full, read-only, permissions): one line naming the path;
         nothing half-written is left and a model saved there before is kept.
     """
+    from jaxcnn import storage
     from jaxcnn.train.checkpoint import digest_tree
     from jaxcnn.train.parallel import fetch
     path = pathlib.Path(path).expanduser().absolute()
@@ -357,7 +358,6 @@ class TrainedModel:
         tmp.mkdir(parents=True)
       _sync("jaxcnn: model save starts")
       import orbax.checkpoint as ocp
-      from jaxcnn import storage
       with storage.storage_errors(tmp / VARIABLES_DIR), ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(tmp / VARIABLES_DIR, variables)
         checkpointer.wait_until_finished()
@@ -373,7 +373,6 @@ class TrainedModel:
           shutil.rmtree(old)
       _sync("jaxcnn: model saved")
     except Exception as err:  # noqa: BLE001  (Orbax reports a full disk as a ValueError)
-      from jaxcnn import storage
       if primary:
         shutil.rmtree(tmp, ignore_errors=True)  # never a half-written model left behind
       failed = storage.storage_error(err, path)
