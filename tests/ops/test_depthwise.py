@@ -96,16 +96,20 @@ _BLOCK_CASES = [
 @pytest.mark.parametrize("case", _BLOCK_CASES, ids=_case_id)
 def test_batch_blocks_match_reference_under_transformations(case, monkeypatch):
   # Batches larger than one block run each primitive as a loop over blocks of examples; with one
-  # example per block every example of this batch of 3 is its own loop step, in every derivative.
+  # example per block every example is its own loop step, in every derivative (and, under shard_map,
+  # on every shard of this batch of 8; export traces a symbolic batch, which is one block).
   from jaxcnn.ops import depthwise
   monkeypatch.setattr(depthwise, "_BLOCK_BYTES", 1)
-  assert depthwise._batch_blocks(3, 4 * 7 * 6 * 4) == 1
-  rng = np.random.default_rng(_BLOCK_CASES.index(case))
+  assert depthwise._batch_blocks(8, 4 * 7 * 6 * 4) == 1
+  index = _BLOCK_CASES.index(case)
+  rng = np.random.default_rng(index)
   dtype, m = jnp.dtype(case["dtype"]), case["multiplier"]
-  x = jnp.asarray(rng.standard_normal((3, 7, 6, 4)), dtype)
+  x = jnp.asarray(rng.standard_normal((8, 7, 6, 4)), dtype)
   w = jnp.asarray(0.5 * rng.standard_normal((3, 3, 4, m)), dtype)
   b = jnp.asarray(rng.standard_normal((4 * m,)), dtype)
   transforms = ("jvp", "vmap", "hessian") if dtype == jnp.float32 else ()
+  if index == 0:
+    transforms += ("shard_map", "checkpoint", "export")
   result = jaxcnn.verify("depthwise_conv2d", x, w, b, strides=case["strides"], padding=case["padding"],
                          dilation=case["dilation"], lowering="auto", transforms=transforms)
   result.raise_if_failed()
