@@ -8,8 +8,13 @@ GPU/TPU (XLA's convolution with `feature_group_count`, the "xla" lowering).
 On CPU a matmul would contract one value per tap, so the op sums the kh * kw shifted (strided, dilated)
 slices of the padded input times the per-channel weights directly, on (N, H', W', C * M) arrays: the
 channel axis, the one XLA vectorises, stays the minor axis of every product (with M > 1 the input is
-first repeated M times along the channels, so that channel c * M + m holds channel c). Autodiff turns
-the slices into pads for the input gradient and into per-tap reductions for the kernel gradient.
+first repeated M times along the channels, so that channel c * M + m holds channel c). That tap sum is
+a JAX primitive (`jaxcnn.ops._primitive.bilinear`) with hand-written transposes: the input gradient is
+the tap sum of the output gradient with the flipped kernel, the kernel gradient a second primitive
+(each tap's input slice times the output gradient, summed over the batch and positions), so every
+transformation composes and every derivative runs one of the two. Both are evaluated in a `lax.scan`
+over blocks of examples, a fusion boundary that keeps XLA CPU from fusing the tap sum into consumer
+reductions (see the comment above `_BLOCK_BYTES`).
 
 The argument checks live in `_parse_depthwise_args` here, reused by `jaxcnn.reference.depthwise_conv2d`
 so both twins reject the same input with the same message.
@@ -21,7 +26,6 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxcnn.ops import _primitive
-
 from jaxcnn.ops._args import (Padding, PairOrInt, check_floating, check_rank, check_window_fits,
                               normalize_tuple, resolve_padding)
 from jaxcnn.ops.conv import conv2d, resolve_conv_lowering
