@@ -9,12 +9,15 @@
 - Non-overlapping max pooling differentiates without reduce_window/select_and_scatter, its derivative
   goes through the `jaxcnn_route_to_first_max` primitive, and sends the gradient of a tile with tied
   maxima to exactly one cell: the first in row-major order.
+- On CPU the depthwise convolution's tap sums (forward, input and kernel gradients) run as loops over
+  blocks of examples, so XLA does not fuse them into their consumers' reductions.
 - Training-mode batch normalisation reduces each activation-sized array once: x twice in the forward
   pass (the mean, then the squared deviations), the output gradient g and g * x in the backward pass.
 """
 from __future__ import annotations
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -128,6 +131,20 @@ def test_conv_derivatives_run_the_primitive_and_its_hand_written_transposes(lowe
       assert names.count("dot_general") == n_dots, (what, names)
       assert not {"while", "scan"} & set(names), (what, names)  # vmap folds into the batch, no loop
       assert "convolution(" not in jax.jit(fn).lower(*args).compile().as_text(), what
+
+
+def test_depthwise_gradient_keeps_the_tap_sums_in_batch_blocks():
+  # The forward, input-gradient and kernel-gradient tap sums each run as a loop over blocks of
+  # examples. Traced as plain elementwise code instead, XLA CPU fuses the tap sum into its consumers:
+  # the loss and per-tap reductions get activation-sized shifted copies of the input (8 for 3x3) and
+  # the input gradient recomputes the forward inside each of its taps.
+  x, w = jnp.ones((32, 32, 32, 32)), jnp.ones((3, 3, 32, 1))
+  loss = lambda x, w: 0.5 * jnp.sum(ops.depthwise_conv2d(x, w, padding="same") ** 2)  # noqa: E731
+  with ops.conv_lowering("auto"):
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).compile().as_text()
+  assert hlo.count(" while(") >= 3
+  full_size = re.findall(r"= f32\[32,32,32,32\]\{[0-9,]+\} fusion\(", hlo)
+  assert len(full_size) <= 2, full_size
 
 
 def test_max_pool_derivatives_run_the_routing_primitive():

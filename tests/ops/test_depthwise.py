@@ -69,17 +69,59 @@ def test_channel_order_by_hand(module):
   np.testing.assert_array_equal(np.asarray(out[0, :, :, 1]), [[40, 40], [40, 40]])
 
 
-def test_cpu_path_sums_taps_with_channels_minor():
-  # On CPU: elementwise products of shifted slices, no dot and no conv, and every product 4-D with
-  # the C * M channels last (a trailing multiplier axis of size M would leave XLA nothing to vectorise).
+def test_cpu_path_runs_the_tap_primitives_with_channels_minor():
+  # On CPU: the tap-sum primitive forward and its hand-written transposes (the tap sum of the output
+  # gradient and the per-tap kernel sums) backward; no dot, no conv, no autodiff of slices, and every
+  # elementwise product 4-D with the C * M channels last (a trailing multiplier axis of size M would
+  # leave XLA nothing to vectorise).
   (x, w, b), kwargs = example_depthwise_conv2d()
   with ops.conv_lowering("auto"):
     jaxpr = jax.make_jaxpr(jax.grad(lambda x, w: jnp.sum(ops.depthwise_conv2d(x, w, b, **kwargs) ** 2),
                                     argnums=(0, 1)))(x, w)
-  names = {e.primitive.name for e in jaxpr.jaxpr.eqns}
-  assert not names & {"dot_general", "conv_general_dilated", "custom_vjp_call"}
+  names = [e.primitive.name for e in jaxpr.jaxpr.eqns]
+  assert not set(names) & {"dot_general", "conv_general_dilated", "custom_vjp_call", "pad", "slice"}, names
+  assert names.count("jaxcnn_depthwise") == 2 and names.count("jaxcnn_depthwise_tap_sums") == 1, names
   products = [e.outvars[0].aval.shape for e in jaxpr.jaxpr.eqns if e.primitive.name == "mul"]
-  assert products and all(len(shape) == 4 for shape in products if len(shape) > 1)
+  assert all(len(shape) == 4 for shape in products if len(shape) > 1)
+
+
+_BLOCK_CASES = [
+    dict(strides=1, padding="same", dilation=1, multiplier=1, dtype="float32"),
+    dict(strides=2, padding=1, dilation=1, multiplier=2, dtype="float32"),
+    dict(strides=(2, 1), padding=((1, 2), (0, 1)), dilation=(1, 2), multiplier=1, dtype="float32"),
+    dict(strides=1, padding="valid", dilation=2, multiplier=1, dtype="bfloat16"),
+]
+
+
+@pytest.mark.parametrize("case", _BLOCK_CASES, ids=_case_id)
+def test_batch_blocks_match_reference_under_transformations(case, monkeypatch):
+  # Batches larger than one block run each primitive as a loop over blocks of examples; with one
+  # example per block every example is its own loop step, in every derivative (and, under shard_map,
+  # on every shard of this batch of 8; export traces a symbolic batch, which is one block).
+  from jaxcnn.ops import depthwise
+  monkeypatch.setattr(depthwise, "_BLOCK_BYTES", 1)
+  assert depthwise._batch_blocks(8, 4 * 7 * 6 * 4) == 1
+  index = _BLOCK_CASES.index(case)
+  rng = np.random.default_rng(index)
+  dtype, m = jnp.dtype(case["dtype"]), case["multiplier"]
+  x = jnp.asarray(rng.standard_normal((8, 7, 6, 4)), dtype)
+  w = jnp.asarray(0.5 * rng.standard_normal((3, 3, 4, m)), dtype)
+  b = jnp.asarray(rng.standard_normal((4 * m,)), dtype)
+  transforms = ("jvp", "vmap", "hessian") if dtype == jnp.float32 else ()
+  if index == 0:
+    transforms += ("shard_map", "checkpoint", "export")
+  result = jaxcnn.verify("depthwise_conv2d", x, w, b, strides=case["strides"], padding=case["padding"],
+                         dilation=case["dilation"], lowering="auto", transforms=transforms)
+  result.raise_if_failed()
+
+
+def test_batch_blocks_follow_the_block_size():
+  from jaxcnn.ops import depthwise
+  example = 32 * 32 * 32 * 4  # one 32x32x32 float32 example: 128 KiB
+  assert depthwise._batch_blocks(32, example) == depthwise._BLOCK_BYTES // example
+  assert depthwise._batch_blocks(6, example) in (1, 2, 3)  # a divisor of the batch
+  assert depthwise._batch_blocks(7, 10 * depthwise._BLOCK_BYTES) == 1
+  assert depthwise._batch_blocks(2, 1) == 2  # small batches: no loop
 
 
 def test_transformations_match_reference():
