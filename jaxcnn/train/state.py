@@ -96,16 +96,25 @@ def create_train_state(model, input_shape, config=None, *, total_steps: int = 1,
   input_shape = tuple(int(d) for d in input_shape)
   if not input_shape or any(d < 1 for d in input_shape):
     raise ValueError(f"create_train_state: input_shape {input_shape} must be one example's positive shape")
-  variables = init_variables(model, input_shape, int(config.seed), input_dtype)
-  params = variables["params"]
-  batch_stats = variables.get("batch_stats", {})
-  tx = tx if tx is not None else make_optimizer(config, params, total_steps)
-  # A different stream from the one init used, so dropout masks are independent of the init draws.
-  rng = jax.random.key_data(jax.random.fold_in(jax.random.key(int(config.seed)), 1))
-  # Separate zero arrays: one buffer shared by three leaves could not be donated.
-  zero = lambda: jnp.zeros((), jnp.int32)  # noqa: E731
-  return TrainState(step=zero(), params=params, batch_stats=batch_stats, opt_state=tx.init(params), rng=rng,
-                    epoch=zero(), epoch_step=zero(), metric_sums=zero_metric_sums(), tx=tx)
+  seed = int(config.seed)
+  if tx is None:
+    abstract = jax.eval_shape(lambda: init_variables(model, input_shape, seed, input_dtype))
+    tx = make_optimizer(config, abstract["params"], total_steps)
+
+  def build() -> TrainState:
+    variables = init_variables(model, input_shape, seed, input_dtype)
+    params = variables["params"]
+    # A different stream from the one init used, so dropout masks are independent of the init draws.
+    rng = jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1))
+    zero = lambda: jnp.zeros((), jnp.int32)  # noqa: E731
+    return TrainState(step=zero(), params=params, batch_stats=variables.get("batch_stats", {}),
+                      opt_state=tx.init(params), rng=rng, epoch=zero(), epoch_step=zero(),
+                      metric_sums=zero_metric_sums(), tx=tx)
+
+  # One compiled program: run op by op, the initialisers, the forward pass init traces and the optimizer's
+  # zeros would each compile a program of their own (about a hundred for a small CNN). The outputs are
+  # separate buffers (a jit never aliases its outputs), so every leaf can be donated to the train step.
+  return jax.jit(build)()
 
 
 def abstract_train_state(make: Callable[[], TrainState]) -> TrainState:
