@@ -185,13 +185,14 @@ def predict(trained, inputs, targets, *, batch_size: int) -> dict[str, Any]:
     {"loss": mean of the run's loss, "accuracy", "labels" int (N,), "predictions" int (N,),
      "first_batch": the first batch's prepared inputs, "count": N}.
   """
-  import jax.numpy as jnp
+  import jax
 
   from jaxcnn.train import get_loss
 
   inputs, targets = np.asarray(inputs), np.asarray(targets, np.int32)
   outputs = trained.predict(inputs, batch_size=batch_size)
-  losses = np.asarray(get_loss(trained.loss, from_logits=trained.from_logits)(jnp.asarray(outputs), targets),
+  # jitted: one program, where the loss run op by op would compile one per operation
+  losses = np.asarray(jax.jit(get_loss(trained.loss, from_logits=trained.from_logits))(outputs, targets),
                       np.float64)
   predictions = outputs.argmax(axis=-1)
   first = inputs[:batch_size]

@@ -574,7 +574,10 @@ class _Loop:
                schedule, train_fn, next_epoch_fn, evaluate_val):
     self.strategy, self.config, self.feed = strategy, config, feed
     self.steps_per_epoch, self.first_step, self.last_epoch = steps_per_epoch, first_step, last_epoch
-    self.schedule, self.train_fn, self.next_epoch_fn, self.evaluate_val = schedule, train_fn, next_epoch_fn, evaluate_val
+    self.train_fn, self.next_epoch_fn, self.evaluate_val = train_fn, next_epoch_fn, evaluate_val
+    # The epoch's learning rate for the logs: one small program (run op by op, a schedule compiles one
+    # per operation); a constant schedule's rate is the configured number itself.
+    self.schedule = (lambda step: float(config.learning_rate)) if config.schedule == "constant" else jax.jit(schedule)
     self.with_acc = _with_accuracy(config.loss)
     self.checkpointer: Checkpointer | None = None
     self.global_step = 0
@@ -644,7 +647,7 @@ class _Loop:
     strategy, checkpointer = self.strategy, self.checkpointer
     if metrics is None:  # resumed exactly at the end of an epoch: no step ran in it here
       metrics = self._sync(state, first_bad, epoch)
-    lr = float(self.schedule(max(self.global_step - 1 - self.first_step, 0)))
+    lr = float(self.schedule(np.int32(max(self.global_step - 1 - self.first_step, 0))))
     logs = {"epoch": epoch + 1, **metrics, "lr": lr}
     if self.evaluate_val is not None:
       logs.update(summarize(self.evaluate_val(state), "val_", self.with_acc))
