@@ -1,12 +1,16 @@
-"""Test setup: 4 host CPU devices and strict JAX rank promotion, before any test imports jax.
+"""Test setup: 4 host CPU devices, strict JAX rank promotion and one persistent compilation cache for
+the session, before any test imports jax.
 
-XLA_FLAGS must be set before jax is imported, so it is done here, at collection time.
+XLA_FLAGS and JAX's cache variables must be set before jax is imported, so it is done here, at
+collection time.
 """
 from __future__ import annotations
 
 import os
 import pathlib
+import shutil
 import sys
+import tempfile
 
 # 4 host devices for the data-parallel tests. On a loaded 2-core machine the 4 device threads of one
 # cross-device sum can be scheduled far apart; XLA's CPU collectives abort the process after 40 s by
@@ -16,6 +20,28 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4 "
                       "--xla_cpu_collective_timeout_seconds=300")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# One persistent compilation cache for the whole session: the test processes (every xdist worker) and
+# every command or worker process a test starts. Compiling is most of the suite's time on a CPU, and many
+# tests compile the same programs (the same tiny model and config through fit, the same command); each is
+# compiled once and then loaded, as a user's second run loads it (jaxcnn/_compile_cache.py). A cached
+# program is the executable the compiler produced, so no result changes. The directory is made here by
+# the first process (the xdist controller, whose environment the workers inherit) and removed when it
+# exits. An explicit JAXCNN_COMPILATION_CACHE (a directory, or "off") is kept, and then nothing is set.
+_SESSION_CACHE_OWNER = False
+if "JAXCNN_COMPILATION_CACHE" not in os.environ and "JAXCNN_TEST_COMPILATION_CACHE" not in os.environ:
+  os.environ["JAXCNN_TEST_COMPILATION_CACHE"] = tempfile.mkdtemp(prefix="jaxcnn-test-compilation-")
+  _SESSION_CACHE_OWNER = True
+if "JAXCNN_TEST_COMPILATION_CACHE" in os.environ:
+  # JAX's own variables (read by jax at import, here and in every subprocess) and jaxcnn's (read by the
+  # experiment commands), with the thresholds jaxcnn/_compile_cache.py uses: every program stored; a size
+  # limit, hence file locks.
+  _directory = os.environ["JAXCNN_TEST_COMPILATION_CACHE"]
+  for _key, _value in {"JAXCNN_COMPILATION_CACHE": _directory, "JAX_COMPILATION_CACHE_DIR": _directory,
+                       "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+                       "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
+                       "JAX_COMPILATION_CACHE_MAX_SIZE": str(4 << 30)}.items():
+    os.environ.setdefault(_key, _value)
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -34,35 +60,38 @@ def shared_datasets() -> pathlib.Path:
   return SHARED_DATASETS
 
 
-# The environment a session-wide persistent compilation cache gives subprocesses: the experiment commands
-# read JAXCNN_COMPILATION_CACHE; every other JAX process (the training workers) reads JAX's own variables,
-# with the thresholds jaxcnn/_compile_cache.py uses (every program stored; a size limit, hence file locks).
-def _compilation_cache_env(directory: str) -> dict[str, str]:
-  from jaxcnn import _compile_cache
-  return {_compile_cache.ENV_VAR: directory, "JAX_COMPILATION_CACHE_DIR": directory,
-          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
-          "JAX_COMPILATION_CACHE_MAX_SIZE": str(_compile_cache.MAX_BYTES)}
+def pytest_unconfigure(config):
+  """The process that made the session's compilation cache removes it."""
+  if _SESSION_CACHE_OWNER:
+    shutil.rmtree(os.environ["JAXCNN_TEST_COMPILATION_CACHE"], ignore_errors=True)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _session_compilation_cache(tmp_path_factory):
-  """One persistent compilation cache for the session's subprocesses: a command or worker the tests start
-  many times compiles its programs once, and no test writes the user's own cache. The test process itself
-  compiles as before (jax read its configuration at import). xdist workers share the directory (JAX locks
-  it). An explicit JAXCNN_COMPILATION_CACHE (a directory, or "off") is kept, and then nothing is set."""
-  if "JAXCNN_COMPILATION_CACHE" not in os.environ:
-    base = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-      base = base.parent  # the directory every worker's basetemp lives in
-    directory = base / "jax-compilation"
-    directory.mkdir(parents=True, exist_ok=True)
-    for key, value in _compilation_cache_env(str(directory)).items():
-      os.environ.setdefault(key, value)
-  yield
+# Test modules whose tests share an expensive computation (a module-scoped reference run, a per-model or
+# per-op result cached by the module): under `pytest -n N --dist loadgroup` (pyproject's addopts) each
+# group runs on one worker, so the shared computation is done once, not once per worker. The value names
+# the parameter that keys the cache (its tests form one group per value), or None: one group per module.
+_SHARED_WORK_GROUPS = {
+    "test_registry.py": "name", "test_transforms.py": "name",
+    "test_fit.py": None, "test_trained_model.py": None, "test_rel_storage.py": None,
+    "test_rel_checkpoint.py": None, "test_rel_kill.py": None,
+}
+
+
+def _group_shared_work(items) -> None:
+  for item in items:
+    module = item.path.name
+    if module not in _SHARED_WORK_GROUPS:
+      continue
+    key = _SHARED_WORK_GROUPS[module]
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    group = module if key is None or key not in params else f"{module}:{params[key]}"
+    item.add_marker(pytest.mark.xdist_group(group))
 
 
 def pytest_collection_modifyitems(config, items):
-  """Tests marked `slow` run only with JAXCNN_SLOW_TESTS=1 (the default run stays under ~10 min)."""
+  """Groups tests that share work (above); tests marked `slow` run only with JAXCNN_SLOW_TESTS=1 (the
+  default run stays under ~10 min)."""
+  _group_shared_work(items)
   if os.environ.get("JAXCNN_SLOW_TESTS") == "1":
     return
   skip = pytest.mark.skip(reason="slow test: set JAXCNN_SLOW_TESTS=1 to run it")

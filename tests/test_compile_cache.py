@@ -137,8 +137,16 @@ def test_resolve_precedence(tmp_path, monkeypatch):
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
   monkeypatch.delenv(_compile_cache.ENV_VAR, raising=False)
   import jax
-  if jax.config.jax_compilation_cache_dir:
-    pytest.skip("JAX_COMPILATION_CACHE_DIR is set for the test process")
+  # The suite's own session cache (conftest.py) is JAX's setting for this process: set it aside here.
+  session_dir = jax.config.jax_compilation_cache_dir
+  jax.config.update("jax_compilation_cache_dir", None)
+  try:
+    _check_resolve_precedence(tmp_path, monkeypatch)
+  finally:
+    jax.config.update("jax_compilation_cache_dir", session_dir)
+
+
+def _check_resolve_precedence(tmp_path, monkeypatch):
   assert _compile_cache.resolve("") == (tmp_path / "jaxcnn" / "jax-compilation", "default")
   monkeypatch.setenv(_compile_cache.ENV_VAR, str(tmp_path / "e"))
   assert _compile_cache.resolve(None) == (tmp_path / "e", "env")
