@@ -29,10 +29,10 @@ Lowerings (chosen at trace time, see `set_conv_lowering`):
 Why not XLA's convolution on CPU for training: it is slow for the small-channel convs of typical CNNs and
 their gradients, and many times slower again inside `lax.scan`, where `jaxcnn.train.fit` runs its epochs.
 A forward pass alone is another matter: XLA's CPU backend fuses a dense convolution with the
-elementwise ops and pools after it (batch norm, ReLU, max pool) into one kernel, which beats the
-matmul lowerings there; grouped and depthwise convolutions it does not, so they keep auto's choice. The matmuls im2col and "rows"
-reduce to are well optimised everywhere, and slices and concatenations fuse. The measurements behind
-these choices are in benchmarks/README.md.
+elementwise ops and pools after it (batch norm, ReLU, max pool) into one kernel, which beats the matmul
+lowerings there (`forward_only_lowering`); its grouped and depthwise convolutions stay slow, so those keep
+auto's choice. The matmuls im2col and "rows" reduce to are well optimised everywhere, and slices and
+concatenations fuse. The measurements behind these choices are in benchmarks/README.md.
 
 Transformations: a dense "im2col" or "rows" convolution is one JAX primitive, `jaxcnn_conv`
 (`jaxcnn.ops._primitive.bilinear`), linear in the input and in the kernel. Its value lowers to the
@@ -64,8 +64,8 @@ from jaxcnn.errors import ConfigError
 from jaxcnn.ops import _primitive
 from jaxcnn.ops._args import Padding, PairOrInt, pad_spatial, parse_conv_args
 
-__all__ = ["conv1d", "conv2d", "conv_lowering", "forward_only_lowering", "get_conv_lowering", "set_conv_lowering",
-           "resolve_conv_lowering", "CONV_LOWERINGS"]
+__all__ = ["conv1d", "conv2d", "conv_lowering", "forward_only_lowering", "get_conv_lowering",
+           "set_conv_lowering", "resolve_conv_lowering", "CONV_LOWERINGS"]
 
 CONV_LOWERINGS = ("auto", "xla", "im2col", "rows")
 
