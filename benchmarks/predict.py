@@ -1,22 +1,33 @@
-"""Inference throughput: jaxcnn's evaluate and a jitted eval-mode apply vs PyTorch eval mode, interleaved.
+"""Inference throughput: what users call (TrainedModel.predict / evaluate, jaxcnn.train.evaluate) and a
+plain jitted eval-mode apply, against PyTorch eval mode on the same weights, interleaved.
 
-    python -m benchmarks.predict [--model mnist_fast_cnn] [--batch 1000] [--examples 10000] [--repeats 5]
-                                 [--out PATH]
+    python -m benchmarks.predict [--model mnist_fast_cnn] [--batch 1000] [--examples 10000] [--repeats 7]
+                                   [--out PATH]
+    OMP_WAIT_POLICY=PASSIVE python -m benchmarks.predict     # PyTorch's OpenMP threads sleep when idle
 
-Every contender classifies the same `--examples` featurewise-standardised images (random uint8 digits)
-with identical weights (jaxcnn's initial variables, copied into the torch module), in batches of --batch,
-the last one padded where it is partial:
+Every contender classifies the same `--examples` random uint8 digits with identical weights (the model's
+initial variables, copied into the torch twin), in batches of --batch, the last one padded where it is
+partial:
 
-  jaxcnn evaluate   `jaxcnn.train.evaluate(variables, model, (images, labels), batch_size=...)`: the whole
-                    call, loss and accuracy included (what a user runs)
-  jaxcnn apply      `jax.jit(model.apply(..., train=False))` once per batch shape, batches of device arrays
-  jaxcnn predict    the trained-model object's `predict` when `jaxcnn.train` provides one
-                    (`jaxcnn.train.model.TrainedModel.predict` or `jaxcnn.train.predict`), else skipped
-  torch             the torch.nn twin in eval mode under torch.no_grad(), NCHW, set_num_threads(cores)
+  TrainedModel.predict        `jaxcnn.train.TrainedModel(model, state, preprocessing=...)`'s `predict(images,
+                              batch_size=...)`: uint8 images in, logits out as a numpy array; the host feed,
+                              the featurewise standardisation on device and the fetch included
+  TrainedModel.evaluate       the same object's `evaluate(images, labels, batch_size=...)`: loss and accuracy
+  jaxcnn.train.evaluate       the functional `evaluate(variables, model, (images, labels), preprocessing=...,
+                              batch_size=...)`
+  jitted apply                `jax.jit(lambda v, b: model.apply(v, b, train=False))`, one call per batch of
+                              standardised float32 device arrays (the default convolution lowering, as a
+                              user's own jit traces it); outputs left on the device
+  jitted apply, forward-only  the same traced inside `jaxcnn.ops.forward_only_lowering()`, as the
+                              library's inference programs are (XLA's fused convolution on CPU)
+  torch                       the torch.nn twin in eval mode under torch.no_grad(), NCHW, standardised float32
+                              tensors, set_num_threads(usable cores)
 
-The first two calls of each contender are warm-up (compilation); then --repeats rounds go round-robin over
-the contenders. Reported: images/s (median) and the ratio to torch. The JSON result goes to
-benchmarks/results/predict.json unless --out says otherwise.
+The TrainedModel and jaxcnn.train calls do more than the others (uint8 -> float standardisation, host ->
+device transfer, results back to the host): they are what a user of the library runs. The first two
+calls of each contender are warm-up (compilation); then --repeats rounds go round-robin over them.
+Reported: images/s (median, min, max) and the median of the per-round ratios to torch. The JSON result
+goes to benchmarks/results/predict.json unless --out says otherwise.
 """
 from __future__ import annotations
 
@@ -24,21 +35,10 @@ import argparse
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import _common, _peers
-from jaxcnn import models
-
-
-def _predict_hook():
-  """The trained-model predict the project offers, as fn(model, variables, images, batch_size) -> logits,
-  or None where there is none yet."""
-  from jaxcnn import train
-  fn = getattr(train, "predict", None)
-  if callable(fn):
-    return lambda model, variables, images, batch: fn(model, variables, images, batch_size=batch)
-  return None
+from jaxcnn import models, ops
 
 
 def main(argv=None) -> dict:
@@ -46,14 +46,15 @@ def main(argv=None) -> dict:
   parser.add_argument("--model", default="mnist_fast_cnn")
   parser.add_argument("--batch", type=int, default=1000)
   parser.add_argument("--examples", type=int, default=10000)
-  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--repeats", type=int, default=7)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/predict.json)")
   args = parser.parse_args(argv)
 
   import torch
 
-  from jaxcnn.train import evaluate
+  from jaxcnn import train
+  from jaxcnn.data import from_arrays, preprocess
   cores = _common.usable_cores()
   torch_threads = _common.set_torch_threads(torch, cores)
   spec = models.spec(args.model)
@@ -61,12 +62,12 @@ def main(argv=None) -> dict:
   rng = np.random.default_rng(args.seed)
   images = rng.integers(0, 256, size=(args.examples, *spec.input_shape), dtype=np.uint8)
   labels = rng.integers(0, 10, size=(args.examples,)).astype(np.int32)
-  from jaxcnn.data import from_arrays, preprocess
   preprocessing = from_arrays(images, labels, batch_size=args.batch, seed=0, shuffle=False,
                               normalize="featurewise").preprocessing
+  state = train.create_train_state(model, spec.input_shape, dict(seed=args.seed))
+  variables = state.variables()
+  trained = train.TrainedModel(model, state, preprocessing=preprocessing, config=dict(seed=args.seed))
   x = np.asarray(preprocess(preprocessing, images), np.float32)
-  variables = model.init(jax.random.PRNGKey(args.seed), jnp.zeros((1, *spec.input_shape)), train=False)
-  variables = {k: v for k, v in variables.items()}
 
   batch = args.batch
   padded = -(-len(x) // batch) * batch
@@ -75,11 +76,18 @@ def main(argv=None) -> dict:
   apply = jax.jit(lambda v, b: model.apply(v, b, train=False))
 
   def run_apply():
-    outs = [apply(variables, b) for b in device_batches]
-    jax.block_until_ready(outs)
+    jax.block_until_ready([apply(variables, b) for b in device_batches])
 
-  def run_evaluate():
-    evaluate(variables, model, (images, labels), preprocessing=preprocessing, batch_size=batch)
+  forward_only = getattr(ops, "forward_only_lowering", None)  # absent from older checkouts
+
+  def apply_forward_only(v, b):
+    with forward_only():
+      return model.apply(v, b, train=False)
+
+  apply_fo = jax.jit(apply_forward_only)
+
+  def run_apply_forward_only():
+    jax.block_until_ready([apply_fo(variables, b) for b in device_batches])
 
   specs = _peers.layer_specs(model)
   torch_net, plan = _peers.build_torch(torch, specs, spec.input_shape)
@@ -94,11 +102,21 @@ def main(argv=None) -> dict:
         torch_net(b)
 
   with torch.no_grad():
-    diff = _peers.max_abs_diff(np.asarray(apply(variables, device_batches[0])), torch_net(torch_batches[0]).numpy())
-  contenders = {"jaxcnn evaluate": run_evaluate, "jaxcnn apply": run_apply, "torch": run_torch}
-  hook = _predict_hook()
-  if hook is not None:
-    contenders["jaxcnn predict"] = lambda: hook(model, variables, images, batch)
+    reference = torch_net(torch_batches[0]).numpy()
+  diffs = {"jitted apply": _peers.max_abs_diff(np.asarray(apply(variables, device_batches[0])), reference),
+           "TrainedModel.predict": _peers.max_abs_diff(trained.predict(images[:batch], batch_size=batch),
+                                                       reference[:min(batch, len(images))])}
+  contenders = {
+      "TrainedModel.predict": lambda: trained.predict(images, batch_size=batch),
+      "TrainedModel.evaluate": lambda: trained.evaluate(images, labels, batch_size=batch),
+      "jaxcnn.train.evaluate": lambda: train.evaluate(variables, model, (images, labels),
+                                                      preprocessing=preprocessing, batch_size=batch),
+      "jitted apply": run_apply,
+      "jitted apply, forward-only": run_apply_forward_only,
+      "torch": run_torch,
+  }
+  if forward_only is None:
+    del contenders["jitted apply, forward-only"]
   for run in contenders.values():
     run()
     run()
@@ -112,11 +130,15 @@ def main(argv=None) -> dict:
     result[k] = {"images_per_s": stats, "vs_torch_median_per_round": ratio,
                  "vs_torch_ratio_of_medians": stats["median"] / torch_median}
     rows.append([k, f"{stats['median']:.0f}", f"{stats['min']:.0f}", f"{stats['max']:.0f}", f"{ratio:.2f}"])
-  print(f"{args.model}: {args.examples} images, batch {batch}; max |logit difference| jaxcnn vs torch {diff:.2e}")
+  load = _common.load_average()
+  print(f"{args.model}: {args.examples} images, batch {batch}; max |logit difference| vs torch: "
+        + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
   print(_common.format_table(["contender", "images/s", "min", "max", "x torch"], rows))
-  payload = {"benchmark": "predict", "machine": {**_common.machine_info(), "load_average_end": _common.load_average()},
-             "settings": {**vars(args), "torch_threads": torch_threads}, "max_abs_logit_diff": diff,
-             "contenders": result}
+  print(f"load average at the end: {load}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
+  payload = {"benchmark": "predict", "machine": {**_common.machine_info(), "load_average_end": load},
+             "settings": {**vars(args), "torch_threads": torch_threads,
+                          "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")},
+             "max_abs_logit_diff": diffs, "contenders": result}
   path = _common.write_result("predict", payload, args.out)
   print(f"\nwrote {path}")
   return payload

@@ -23,12 +23,16 @@ Lowerings (chosen at trace time, see `set_conv_lowering`):
             gradient is dZ @ kernel^T folded back over the kw column taps.
   "auto"    on CPU, per convolution: "rows" for dense 2-D convs with unit row stride where it moves no
             more memory than im2col (kw*C + kh*O <= kh*kw*C), "im2col" otherwise; "xla" elsewhere.
-            The default.
+            The default. Inside `forward_only_lowering` (programs without a backward pass: predict,
+            evaluate), dense convolutions (groups == 1) resolve to "xla" on CPU too.
 
-Why not XLA's convolution on CPU: it is slow for the small-channel convs of typical CNNs, and many times
-slower again inside `lax.scan`, where `jaxcnn.train.fit` runs its epochs. The matmuls im2col and "rows"
-reduce to are well optimised everywhere, and slices and concatenations fuse. The measurements behind
-these choices are in benchmarks/README.md.
+Why not XLA's convolution on CPU for training: it is slow for the small-channel convs of typical CNNs and
+their gradients, and many times slower again inside `lax.scan`, where `jaxcnn.train.fit` runs its epochs.
+A forward pass alone is another matter: XLA's CPU backend fuses a dense convolution with the
+elementwise ops and pools after it (batch norm, ReLU, max pool) into one kernel, which beats the matmul
+lowerings there (`forward_only_lowering`); its grouped and depthwise convolutions stay slow, so those keep
+auto's choice. The matmuls im2col and "rows" reduce to are well optimised everywhere, and slices and
+concatenations fuse. The measurements behind these choices are in benchmarks/README.md.
 
 Transformations: a dense "im2col" or "rows" convolution is one JAX primitive, `jaxcnn_conv`
 (`jaxcnn.ops._primitive.bilinear`), linear in the input and in the kernel. Its value lowers to the
@@ -50,6 +54,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -59,8 +64,8 @@ from jaxcnn.errors import ConfigError
 from jaxcnn.ops import _primitive
 from jaxcnn.ops._args import Padding, PairOrInt, pad_spatial, parse_conv_args
 
-__all__ = ["conv1d", "conv2d", "conv_lowering", "get_conv_lowering", "set_conv_lowering",
-           "resolve_conv_lowering", "CONV_LOWERINGS"]
+__all__ = ["conv1d", "conv2d", "conv_lowering", "forward_only_lowering", "get_conv_lowering",
+           "set_conv_lowering", "resolve_conv_lowering", "CONV_LOWERINGS"]
 
 CONV_LOWERINGS = ("auto", "xla", "im2col", "rows")
 
@@ -114,10 +119,32 @@ def conv_lowering(name: str):
     set_conv_lowering(previous)
 
 
+_forward_only = threading.local()
+
+
+@contextlib.contextmanager
+def forward_only_lowering():
+  """Context manager for tracing programs that are never differentiated (inference): inside it, "auto"
+  resolves dense convolutions (groups == 1) to "xla" on CPU as well, where XLA fuses them with the
+  elementwise ops and pools around them; grouped and depthwise convolutions keep auto's choice, and an
+  explicitly selected lowering (`set_conv_lowering`) is used as it is.
+
+  Thread-local (it affects only traces on the thread that entered it) and, like `conv_lowering`, it
+  affects traces, not cached jits. Gradients of such a trace are correct, only not fast.
+  """
+  previous = getattr(_forward_only, "active", False)
+  _forward_only.active = True
+  try:
+    yield
+  finally:
+    _forward_only.active = previous
+
+
 def resolve_conv_lowering(x_shape, w_shape, *, strides: PairOrInt = 1, groups: int = 1) -> str:
   """The lowering a convolution of these shapes is traced with now: "xla" | "im2col" | "rows".
 
-  Resolves "auto" (per backend and, on CPU, per shape); an explicit setting is returned as it is.
+  Resolves "auto" (per backend and, on CPU, per shape, and inside `forward_only_lowering`); an explicit
+  setting is returned as it is.
 
   Args:
     x_shape: input shape, (N, H, W, C) or (N, L, C).
@@ -137,6 +164,8 @@ def _resolve_lowering(x_shape, w_shape, strides, groups) -> str:
   if _lowering != "auto":
     return _lowering
   if jax.default_backend() != "cpu":
+    return "xla"
+  if groups == 1 and getattr(_forward_only, "active", False):
     return "xla"
   return "rows" if _rows_pays(x_shape, w_shape, strides, groups) else "im2col"
 

@@ -24,6 +24,7 @@ resumes from its checkpoint to the same end, and one already at its end trains n
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import json
@@ -41,6 +42,7 @@ import numpy as np
 from jaxcnn.data import pipeline as pipeline_lib
 from jaxcnn.errors import (ConfigError, DistributedError, Interrupted, NonFiniteError, Preempted,  # noqa: F401
                            StorageError)
+from jaxcnn.ops import forward_only_lowering
 from jaxcnn.train import callbacks as callbacks_lib
 from jaxcnn.train.checkpoint import Checkpointer
 from jaxcnn.train.config import augment_config, augments, best_mode, validate_config
@@ -310,7 +312,9 @@ def _train_program(strategy: Strategy, train_step, feed, chunk: int, batch_size:
 
 
 def _eval_program(strategy: Strategy, eval_step, feed, chunk: int, batch_size: int):
-  """(state, sums, constants, chunk inputs, n, first step) -> sums over `n` evaluation batches."""
+  """(state, sums, constants, chunk inputs, n, first step) -> sums over `n` evaluation batches.
+
+  A forward pass only: traced with `ops.forward_only_lowering` (XLA's fused convolutions on CPU)."""
 
   def eval_chunk(state, sums, constants, xs, n, start):
     _count_trace("eval_chunk")
@@ -324,7 +328,8 @@ def _eval_program(strategy: Strategy, eval_step, feed, chunk: int, batch_size: i
         return _add_sums(c, eval_step(state, strategy.constrain(batch)))
       return jax.lax.cond(i < n, active, lambda c: c, carry), None
 
-    return jax.lax.scan(body, sums, (jnp.arange(chunk), xs))[0]
+    with forward_only_lowering():
+      return jax.lax.scan(body, sums, (jnp.arange(chunk), xs))[0]
 
   return strategy.compile(eval_chunk, per_replica=(0, 1, 3))
 
@@ -695,6 +700,11 @@ def evaluate(state_or_variables, model, data, *, loss: str = "softmax_cross_entr
              batch_size: int | None = None) -> dict[str, float]:
   """Loss and accuracy of `model` on every example of `data` (padded batches count only real examples).
 
+  Compiled once: arrays run through the inference runtime shared by every call with the same model,
+  preprocessing, batch size, loss, target and parallel mode (and by TrainedModel.evaluate), so a repeated
+  call on arrays of the same shapes traces and compiles nothing, whatever their number of examples; a
+  pipeline's evaluation program is kept for later calls on the same pipeline object (the last few).
+
   Args:
     state_or_variables: a TrainState, a {"params": ..., "batch_stats": ...} dict, or a params pytree.
     model: the flax.linen Module.
@@ -708,7 +718,7 @@ def evaluate(state_or_variables, model, data, *, loss: str = "softmax_cross_entr
   Returns:
     {"loss": float, "accuracy": float} (no "accuracy" for mse).
   """
-  import optax
+  from jaxcnn.train.model import _inference_runtime, _no_optimizer
   if isinstance(state_or_variables, TrainState):
     params, batch_stats = state_or_variables.params, state_or_variables.batch_stats
   elif isinstance(state_or_variables, dict) and "params" in state_or_variables:
@@ -716,17 +726,39 @@ def evaluate(state_or_variables, model, data, *, loss: str = "softmax_cross_entr
   else:
     params, batch_stats = state_or_variables, {}
   parallel = validate_config({"parallel": parallel}).parallel
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats, opt_state=(),
+                     rng=jnp.zeros((2,), jnp.uint32), epoch=jnp.zeros((), jnp.int32),
+                     epoch_step=jnp.zeros((), jnp.int32), metric_sums=zero_metric_sums(), tx=_no_optimizer())
   if isinstance(data, tuple):
     devices = device_count(parallel)
     batch = batch_size or max(devices, 256 // devices * devices)
     inputs, targets = _as_arrays(data, "data")
-    data = _pipeline("data", inputs, targets, batch_size=int(batch), seed=0, shuffle=False,
-                     preprocessing=preprocessing)
-  _check_pipeline(data, "data")
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats, opt_state=(),
-                     rng=jnp.zeros((2,), jnp.uint32), epoch=jnp.zeros((), jnp.int32),
-                     epoch_step=jnp.zeros((), jnp.int32), metric_sums=zero_metric_sums(), tx=optax.identity())
-  strategy = make_strategy(parallel, int(data.batch_size))
-  _, eval_step = make_steps(model, loss=loss, target=target, axis_name=strategy.axis_name)
-  evaluator = _Evaluator(strategy, eval_step, data, "auto", int(data.steps_per_epoch))
-  return summarize(evaluator(strategy.place_state(state)), with_accuracy=_with_accuracy(loss))
+    pipeline = _pipeline("data", inputs, targets, batch_size=int(batch), seed=0, shuffle=False,
+                         preprocessing=preprocessing)
+    runtime = _inference_runtime(model, pipeline.preprocessing, int(batch), parallel=parallel, loss=loss,
+                                 target=target)
+    sums = runtime.metric_sums(runtime.place(state), pipeline)
+  else:
+    _check_pipeline(data, "data")
+    evaluator = _pipeline_evaluator(data, model, loss, target, parallel)
+    sums = evaluator(evaluator.strategy.place_state(state))
+  return summarize(sums, with_accuracy=_with_accuracy(loss))
+
+
+# Evaluators of pipelines kept for later `evaluate` calls on the same pipeline object, most recent last.
+_PIPELINE_EVALUATORS: "collections.OrderedDict[tuple, tuple[Any, _Evaluator]]" = collections.OrderedDict()
+_PIPELINE_EVALUATORS_KEPT = 4
+
+
+def _pipeline_evaluator(pipeline, model, loss: str, target: str, parallel: str) -> "_Evaluator":
+  key = (id(pipeline), model, loss, target, parallel)
+  entry = _PIPELINE_EVALUATORS.pop(key, None)
+  if entry is None:
+    strategy = make_strategy(parallel, int(pipeline.batch_size))
+    _, eval_step = make_steps(model, loss=loss, target=target, axis_name=strategy.axis_name)
+    # The pipeline is held with its evaluator, so its id cannot be reused while the entry exists.
+    entry = (pipeline, _Evaluator(strategy, eval_step, pipeline, "auto", int(pipeline.steps_per_epoch)))
+  _PIPELINE_EVALUATORS[key] = entry
+  while len(_PIPELINE_EVALUATORS) > _PIPELINE_EVALUATORS_KEPT:
+    _PIPELINE_EVALUATORS.popitem(last=False)
+  return entry[1]

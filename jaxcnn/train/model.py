@@ -14,9 +14,15 @@ passed to fit as `initial_state` to train more.
 Inference runs through the same machinery as fit's validation: the run's Strategy (a mesh over every
 device), the host feed (each process reads its rows of every batch, the batch is finished on device by
 the pipeline's transform, i.e. the preprocessing spec) and, for `evaluate`, fit's own eval step and
-chunk program (`loop._eval_program`). Each program is compiled once per batch size and kept with the
-model; the last batch is padded (and its padding masked or dropped), so a call compiles one program and
-later calls of the same batch size compile nothing.
+chunk program (`loop._eval_program`). One program call runs a chunk of up to MAX_CHUNK_BATCHES batches
+in a lax.scan, and the results are fetched once, at the end of the call. The programs are forward passes
+only, traced with `jaxcnn.ops.forward_only_lowering`: on CPU, XLA's own convolution, which it fuses with
+the batch norm, activation and pooling after it (the outputs equal `module.apply(..., train=False)`'s
+within float32 rounding, not bitwise: that traces the training lowering). Each program is compiled once
+per batch size and input shape and shared by every model with the same module and preprocessing (a
+model loaded twice compiles once); the last batch is padded (its padding masked out of the metrics and
+dropped from the predictions), so a call compiles at most one program and later calls of the same batch
+size trace and compile nothing, whatever their number of examples.
 
 The saved format, "jaxcnn.model/1" (a directory):
 
@@ -36,8 +42,12 @@ digest differs from the one recorded (silent damage).
 """
 from __future__ import annotations
 
+import collections
+import contextlib
+import functools
 import json
 import logging
+import math
 import os
 import pathlib
 import shutil
@@ -176,70 +186,38 @@ class TrainedModel:
                        f"{dtype.name} inputs as given to fit{how}")
     return x
 
-  def _runtime(self, batch: int):
-    """(strategy, host feed, inference state) for this batch size, made once and kept."""
-    cache = self.__dict__.setdefault("_inference", {})
-    if batch not in cache:
-      import optax
-
-      from jaxcnn.data import pipeline as pipeline_lib
-      from jaxcnn.train.feed import HostFeed
-      from jaxcnn.train.parallel import make_strategy
-      from jaxcnn.train.state import TrainState, zero_metric_sums
-      # The mesh strategy for inference (pmap-trained models too: the function is the same).
-      strategy = make_strategy("none" if self.config.parallel == "none" else "jit", batch)
-      s = self.state
-      state = strategy.place_state(TrainState(
-          step=s.step, params=s.params, batch_stats=s.batch_stats, opt_state=(), rng=s.rng, epoch=s.epoch,
-          epoch_step=s.epoch_step, metric_sums=zero_metric_sums(), tx=optax.identity()))
-      shape, dtype = self._raw_input()
-      # The feed's pipeline is replaced by each call's (same spec, same batch size): the programs traced
-      # with the first one's transform compute exactly what every later one's would.
-      template = self._pipeline(np.zeros((1, *shape), dtype), np.zeros((1,), np.int32), batch, pipeline_lib)
-      feed = HostFeed(template, strategy, 1)
-      cache[batch] = {"strategy": strategy, "feed": feed, "state": state, "programs": {}}
-    return cache[batch]
-
-  def _pipeline(self, x, y, batch: int, pipeline_lib=None):
-    if pipeline_lib is None:
-      from jaxcnn.data import pipeline as pipeline_lib
-    spec = self.preprocessing
-    kwargs = dict(preprocessing=spec) if spec is not None else dict(normalize="none")
-    return pipeline_lib.ResidentPipeline(x, y, batch_size=batch, seed=0, shuffle=False, drop_remainder=False,
-                                         **kwargs)
-
-  def _run(self, kind: str, x, y, batch_size):
-    """(runtime, the `kind` program ("predict" or "evaluate"), plan) with the feed reading (x, y)."""
+  def _inference(self, batch_size, count: int) -> "_Inference":
+    """The shared inference runtime for this model's calls of `count` examples at `batch_size`."""
     from jaxcnn.train.parallel import device_count
-    devices = device_count("none" if self.config.parallel == "none" else "jit")
-    batch = _inference_batch(batch_size, len(x), devices)
-    runtime = self._runtime(batch)
-    strategy, feed = runtime["strategy"], runtime["feed"]
-    feed.pipeline = self._pipeline(x, y, batch)
-    programs = runtime["programs"]
-    if kind not in programs:
-      programs[kind] = (_predict_program(strategy, self.module, feed, batch) if kind == "predict" else
-                        self._evaluate_program(strategy, feed, batch))
-    steps = int(feed.pipeline.steps_per_epoch)
-    plan = [(step, 1) for step in range(steps)]
-    return runtime, programs[kind], plan
+    parallel = "none" if self.config.parallel == "none" else "jit"
+    batch = _inference_batch(batch_size, count, device_count(parallel))
+    shape, dtype = self._raw_input()
+    spec = self.preprocessing
+    if spec is None:  # the module's inputs as they are: the pipeline's own "none" spec
+      spec = _pipeline(np.zeros((1, *shape), dtype), np.zeros((1,), np.int32), batch, None).preprocessing
+    return _inference_runtime(self.module, spec, batch, parallel=parallel, loss=self.loss, target="label",
+                             compute_dtype=self.config.compute_dtype, from_logits=self.config.from_logits)
 
-  def _evaluate_program(self, strategy, feed, batch: int):
-    from jaxcnn.train.loop import _eval_program
-    from jaxcnn.train.step import make_steps
-    _, eval_step = make_steps(self.module, loss=self.loss, target="label", axis_name=strategy.axis_name,
-                              compute_dtype=self.config.compute_dtype, from_logits=self.config.from_logits)
-    return _eval_program(strategy, eval_step, feed, 1, batch)
+  def _placed_state(self, runtime: "_Inference"):
+    """This model's state placed for `runtime`'s strategy, once per strategy and kept."""
+    placed = self.__dict__.setdefault("_placed", {})
+    key = (runtime.strategy.name, runtime.strategy.num_devices)
+    if key not in placed:
+      placed[key] = runtime.place(self.state)
+    return placed[key]
 
   def predict(self, x, batch_size: int | None = None) -> np.ndarray:
-    """The module's outputs on raw inputs, the run's preprocessing applied: exactly what the module
-    returns in eval mode (probabilities for a model ending in softmax/sigmoid, logits otherwise).
+    """The module's outputs on raw inputs, the run's preprocessing applied: what the module returns in
+    eval mode (probabilities for a model ending in softmax/sigmoid, logits otherwise), computed with the
+    forward-only convolution lowering (equal to `module.apply(variables, preprocess(x))` within float32
+    rounding; bitwise the same for every model with these weights, saved and loaded or not).
 
     Args:
       x: raw inputs of the kind fit was given: (N, *input_shape) (uint8 (N, H, W) images too), the same
         dtype kind (uint8 pixels stay uint8: the preprocessing scales them).
-      batch_size: examples per compiled call (default: 256, or the next power of two >= N for fewer);
-        the last batch is padded, so one program serves the whole call and later calls of that size.
+      batch_size: examples per batch of the compiled program (default: 256, or the next power of two
+        >= N for fewer); the last batch is padded, so one program serves the whole call and later calls
+        of that size.
 
     Returns:
       float32 numpy array (N, *output_shape).
@@ -248,14 +226,8 @@ class TrainedModel:
       ValueError: x of another shape or dtype kind than the training inputs; a bad batch_size.
     """
     x = self._check_inputs(x)
-    count = len(x)
-    runtime, program, plan = self._run("predict", x, np.zeros((count,), np.int32), batch_size)
-    strategy, feed, state = runtime["strategy"], runtime["feed"], runtime["state"]
-    outputs = []
-    for _, xs in zip(plan, feed.chunks(0, plan)):
-      outputs.append(program(state, xs))
-    host = np.concatenate([strategy.fetch(o).reshape(-1, *o.shape[2:]) for o in outputs])
-    return host[:count]
+    runtime = self._inference(batch_size, len(x))
+    return runtime.predict(self._placed_state(runtime), x)
 
   def evaluate(self, x, y, batch_size: int | None = None) -> dict[str, float]:
     """Loss (the run's loss and from_logits) and, where the loss has one, accuracy over every example.
@@ -277,16 +249,12 @@ class TrainedModel:
         not fit the loss (one line naming y).
     """
     from jaxcnn.train.losses import has_accuracy
-    from jaxcnn.train.state import zero_metric_sums
     from jaxcnn.train.step import summarize
     x = self._check_inputs(x)
     y = self._check_targets(x, y)
-    runtime, program, plan = self._run("evaluate", x, y, batch_size)
-    strategy, feed, state = runtime["strategy"], runtime["feed"], runtime["state"]
-    sums = strategy.place_state(zero_metric_sums())
-    for (start, n), xs in zip(plan, feed.chunks(0, plan)):
-      sums = program(state, sums, None, xs, strategy.scalar(np.int32(n)), strategy.scalar(np.int32(start)))
-    return summarize(jax.tree.map(strategy.fetch, sums), with_accuracy=has_accuracy(self.loss))
+    runtime = self._inference(batch_size, len(x))
+    sums = runtime.metric_sums(self._placed_state(runtime), runtime.pipeline(x, y))
+    return summarize(sums, with_accuracy=has_accuracy(self.loss))
 
   def _check_targets(self, x, y) -> np.ndarray:
     from jaxcnn.train.losses import get_loss
@@ -299,18 +267,33 @@ class TrainedModel:
       y = y.astype(np.int32)
     else:
       raise ValueError(f"y: expected integer class ids or float targets, got dtype {y.dtype}")
-    prepared = jax.ShapeDtypeStruct((1, *self._raw_input()[0]), _model_input_dtype(self._raw_input()[1]))
-    outputs = jax.eval_shape(lambda v, a: self.module.apply(v, a, train=False), self.variables, prepared)
-    target = jax.ShapeDtypeStruct((1, *y.shape[1:]), y.dtype)
-    try:
-      jax.eval_shape(get_loss(self.loss, from_logits=self.from_logits), outputs, target)
-    except (ValueError, TypeError) as err:
-      raise ValueError(f"y: targets {tuple(y.shape[1:])} {y.dtype} do not fit loss={self.loss!r} for model "
-                       f"outputs {tuple(outputs.shape[1:])}: {_first_line(err)}") from None
+    outputs = self._output_shape()
+    # Whether targets of this shape and dtype fit the loss: checked abstractly once per kind of target.
+    fits = self.__dict__.setdefault("_target_kinds", {})
+    kind = (tuple(y.shape[1:]), y.dtype.str)
+    if kind not in fits:
+      try:
+        jax.eval_shape(get_loss(self.loss, from_logits=self.from_logits), outputs,
+                       jax.ShapeDtypeStruct((1, *y.shape[1:]), y.dtype))
+        fits[kind] = None
+      except (ValueError, TypeError) as err:
+        fits[kind] = (f"y: targets {tuple(y.shape[1:])} {y.dtype} do not fit loss={self.loss!r} for model "
+                      f"outputs {tuple(outputs.shape[1:])}: {_first_line(err)}")
+    if fits[kind] is not None:
+      raise ValueError(fits[kind])
     if y.ndim == 1 and np.issubdtype(y.dtype, np.integer) and y.size and (y.min() < 0 or y.max() >= outputs.shape[-1]):
       raise ValueError(f"y: class ids must be in [0, {outputs.shape[-1]}) for the model's {outputs.shape[-1]} "
                        f"outputs, got {int(y.min())}..{int(y.max())}")
     return y
+
+  def _output_shape(self) -> jax.ShapeDtypeStruct:
+    """One example's outputs, abstractly (traced once and kept: later calls trace nothing)."""
+    if "_outputs" not in self.__dict__:
+      shape, dtype = self._raw_input()
+      prepared = jax.ShapeDtypeStruct((1, *shape), _model_input_dtype(dtype))
+      self.__dict__["_outputs"] = jax.eval_shape(lambda v, a: self.module.apply(v, a, train=False),
+                                                 self.variables, prepared)
+    return self.__dict__["_outputs"]
 
   # -- saving ----------------------------------------------------------------------------------------
 
@@ -412,21 +395,165 @@ class TrainedModel:
     }
 
 
-# -- programs ------------------------------------------------------------------------------------------
+# -- inference programs --------------------------------------------------------------------------------
 
-def _predict_program(strategy, module, feed, batch_size: int):
-  """(state, chunk of raw batches) -> the module's eval-mode outputs (K, B, ...), compiled once."""
+# A chunk (the batches one program call runs) holds at most this many batches and this many bytes of raw
+# inputs: few host round trips per call, a bounded amount of input placed on the devices at once.
+MAX_CHUNK_BATCHES = 16
+MAX_CHUNK_BYTES = 64 << 20
+# Inference runtimes kept (each holds its compiled programs); the least recently used goes first.
+_RUNTIME_CACHE_SIZE = 16
+_RUNTIMES: "collections.OrderedDict[tuple, _Inference]" = collections.OrderedDict()
+
+
+@functools.lru_cache(maxsize=None)
+def _no_optimizer():
+  """The optimizer of states that are only evaluated: one object, so that every such state has the same
+  pytree structure (the optimizer is static) and the programs they pass through are traced once."""
+  import optax
+  return optax.identity()
+
+
+def _pipeline(x, y, batch: int, spec):
+  """The unshuffled, padded pipeline one inference call reads (raw rows read on the host, finished on
+  device by the spec's transform); `spec` None: the module's inputs as they are."""
+  from jaxcnn.data import pipeline as pipeline_lib
+  kwargs = dict(preprocessing=spec) if spec is not None else dict(normalize="none")
+  return pipeline_lib.ResidentPipeline(x, y, batch_size=batch, seed=0, shuffle=False, drop_remainder=False,
+                                       **kwargs)
+
+
+def _inference_chunk(batch: int, example_shape, dtype) -> int:
+  """Batches per chunk: MAX_CHUNK_BATCHES, fewer where their raw inputs would pass MAX_CHUNK_BYTES."""
+  per_batch = batch * math.prod(example_shape) * np.dtype(dtype).itemsize
+  return int(max(1, min(MAX_CHUNK_BATCHES, MAX_CHUNK_BYTES // max(per_batch, 1))))
+
+
+def _inference_runtime(module, spec: dict, batch: int, *, parallel: str, loss: str, target: str = "label",
+                       compute_dtype="float32", from_logits=None) -> "_Inference":
+  """The runtime (strategy, chunk length, compiled programs) for these settings, made once and shared by
+  every later call with the same ones (TrainedModels of the same module and preprocessing, and
+  `jaxcnn.train.evaluate` on arrays): a repeated call traces and compiles nothing."""
+  try:
+    hash(module)
+    module_key = module
+  except TypeError:  # a module with unhashable fields: itself (the runtime holds it, so its id stays its own)
+    module_key = ("id", id(module))
+  key = (module_key, json.dumps(spec, sort_keys=True), int(batch), parallel, loss, target, str(compute_dtype),
+         from_logits)
+  runtime = _RUNTIMES.pop(key, None)
+  if runtime is None:
+    runtime = _Inference(module, spec, int(batch), parallel=parallel, loss=loss, target=target,
+                         compute_dtype=compute_dtype, from_logits=from_logits)
+  _RUNTIMES[key] = runtime
+  while len(_RUNTIMES) > _RUNTIME_CACHE_SIZE:
+    _RUNTIMES.popitem(last=False)
+  return runtime
+
+
+class _Inference:
+  """Inference over raw arrays at one batch size: the Strategy, the host feed's chunk length and the
+  predict / evaluate programs, each compiled on first use (once per input shape and dtype).
+
+  A call reads its examples through the host feed (this process's rows of each batch, K batches stacked
+  and placed one chunk ahead of the program), and each program call runs K batches in one lax.scan: the
+  raw batch finished on device by the preprocessing transform, then the module's eval-mode forward pass,
+  traced with `ops.forward_only_lowering` (no backward pass: XLA's fused convolutions on CPU). The last
+  batch is padded: its padding is masked out of the metrics and dropped from the predictions; the
+  unused slots of the last chunk are skipped (lax.cond). Results stay on the devices until the call's
+  end, where they are fetched once.
+  """
+
+  def __init__(self, module, spec: dict, batch: int, *, parallel: str, loss: str, target: str, compute_dtype,
+               from_logits):
+    from jaxcnn.train.feed import HostFeed
+    from jaxcnn.train.parallel import make_strategy
+    self.module, self.spec, self.batch = module, spec, batch
+    self.loss, self.target, self.compute_dtype, self.from_logits = loss, target, compute_dtype, from_logits
+    self.strategy = make_strategy(parallel, batch)
+    shape, dtype = tuple(spec["input_shape"]), np.dtype(spec["input_dtype"])
+    self.chunk = _inference_chunk(batch, shape, dtype)
+    # The programs finish batches with this template's transform: every call's pipeline has the same
+    # spec and batch size, so its transform computes exactly the same.
+    template = _pipeline(np.zeros((1, *shape), dtype), np.zeros((1,), np.int32), batch, spec)
+    self._feed = HostFeed(template, self.strategy, self.chunk)
+    self._programs: dict[str, Any] = {}
+
+  def place(self, state):
+    """A TrainState's weights (step, rng, epoch too; no optimizer state) placed for the programs."""
+    from jaxcnn.train.state import TrainState, zero_metric_sums
+    return self.strategy.place_state(TrainState(
+        step=state.step, params=state.params, batch_stats=state.batch_stats, opt_state=(), rng=state.rng,
+        epoch=state.epoch, epoch_step=state.epoch_step, metric_sums=zero_metric_sums(), tx=_no_optimizer()))
+
+  def _program(self, kind: str):
+    if kind not in self._programs:
+      if kind == "predict":
+        self._programs[kind] = _predict_program(self.strategy, self.module, self._feed, self.chunk, self.batch)
+      else:
+        from jaxcnn.train.loop import _eval_program
+        from jaxcnn.train.step import make_steps
+        _, eval_step = make_steps(self.module, loss=self.loss, target=self.target,
+                                  axis_name=self.strategy.axis_name, compute_dtype=self.compute_dtype,
+                                  from_logits=self.from_logits)
+        self._programs[kind] = _eval_program(self.strategy, eval_step, self._feed, self.chunk, self.batch)
+    return self._programs[kind]
+
+  def pipeline(self, x, y):
+    """The pipeline of one call over raw inputs x and targets y."""
+    return _pipeline(x, y, self.batch, self.spec)
+
+  def _chunks(self, pipeline):
+    """(plan, the placed chunks) of one call over `pipeline` (made with this runtime's spec and batch)."""
+    from jaxcnn.train.feed import HostFeed
+    steps = int(pipeline.steps_per_epoch)
+    plan = [(s, min(self.chunk, steps - s)) for s in range(0, steps, self.chunk)]
+    return plan, HostFeed(pipeline, self.strategy, self.chunk).chunks(0, plan)
+
+  def predict(self, state, x) -> np.ndarray:
+    """The module's eval-mode outputs on raw inputs x (N, ...): float32 numpy (N, ...)."""
+    program, strategy = self._program("predict"), self.strategy
+    plan, chunks = self._chunks(self.pipeline(x, np.zeros((len(x),), np.int32)))
+    with contextlib.closing(chunks):
+      outputs = [(program(state, xs, strategy.scalar(np.int32(n))), n) for (_, n), xs in zip(plan, chunks)]
+    host = [strategy.fetch(o)[:n] for o, n in outputs]
+    return np.concatenate([h.reshape(-1, *h.shape[2:]) for h in host])[:len(x)]
+
+  def metric_sums(self, state, pipeline) -> dict:
+    """{"loss_sum", "correct_sum", "count"} over every example of `pipeline` (`self.pipeline`), on the host."""
+    from jaxcnn.train.state import zero_metric_sums
+    program, strategy = self._program("evaluate"), self.strategy
+    plan, chunks = self._chunks(pipeline)
+    sums = strategy.place_state(zero_metric_sums())
+    with contextlib.closing(chunks):
+      for (start, n), xs in zip(plan, chunks):
+        sums = program(state, sums, None, xs, strategy.scalar(np.int32(n)), strategy.scalar(np.int32(start)))
+    return jax.tree.map(strategy.fetch, sums)
+
+
+def _predict_program(strategy, module, feed, chunk: int, batch_size: int):
+  """(state, chunk of raw batches, n) -> the module's eval-mode outputs (K, B, ...) of the first n
+  batches (zeros after), compiled once per input shape."""
+  from jaxcnn.ops import forward_only_lowering
   from jaxcnn.train.loop import _count_trace
 
-  def predict_chunk(state, xs):
+  def predict_chunk(state, xs, n):
     _count_trace("predict_chunk")
     offset = strategy.row_offset(batch_size)
 
-    def body(carry, x):
+    def forward(x):
       batch = strategy.constrain(feed.batch(None, x, jnp.int32(0), jnp.int32(0), offset))
-      return carry, module.apply(state.variables(), batch["image"], train=False)
+      return module.apply(state.variables(), batch["image"], train=False)
 
-    return jax.lax.scan(body, jnp.zeros((), jnp.int32), xs)[1]
+    with forward_only_lowering():
+      shapes = jax.eval_shape(forward, jax.tree.map(lambda a: a[0], xs))
+
+      def body(carry, item):
+        i, x = item
+        skip = lambda _: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)  # noqa: E731
+        return carry, jax.lax.cond(i < n, forward, skip, x)
+
+      return jax.lax.scan(body, jnp.zeros((), jnp.int32), (jnp.arange(chunk), xs))[1]
 
   return strategy.compile(predict_chunk, per_replica=(0,))
 

@@ -387,6 +387,26 @@ def test_auto_lowering_on_cpu_chooses_per_shape(x_shape, w_shape, strides, group
     assert ops.resolve_conv_lowering(x_shape, w_shape, strides=strides, groups=groups) == "xla"
 
 
+def test_forward_only_lowering_takes_xlas_convolution_for_dense_convs_on_this_thread():
+  import threading
+  dense, conv1d, grouped = ((128, 13, 13, 32), (3, 3, 32, 64), 1), ((128, 32, 32), (3, 32, 32), 1), \
+      ((128, 32, 32, 32), (3, 3, 1, 32), 32)
+  with ops.conv_lowering("auto"):
+    with ops.forward_only_lowering():
+      assert [ops.resolve_conv_lowering(x, w, groups=g) for x, w, g in (dense, conv1d, grouped)] == \
+          ["xla", "xla", "im2col"]                       # depthwise keeps auto's (matmul) choice
+      other = []
+      thread = threading.Thread(target=lambda: other.append(ops.resolve_conv_lowering(dense[0], dense[1])))
+      thread.start()
+      thread.join()
+      assert other == ["rows"]                           # thread-local: other threads' traces unaffected
+      with ops.conv_lowering("rows"):                    # an explicit setting is taken as it is
+        assert ops.resolve_conv_lowering(dense[0], dense[1]) == "rows"
+      x, w = jnp.ones((2, 9, 9, 4)), jnp.ones((3, 3, 4, 8))
+      assert "conv_general_dilated" in _primitives(lambda x, w: ops.conv2d(x, w), x, w)
+    assert ops.resolve_conv_lowering(dense[0], dense[1]) == "rows"   # restored on exit
+
+
 def test_resolve_conv_lowering_rejects_mismatched_shapes():
   with pytest.raises(ValueError, match="do not describe a 1-D or 2-D convolution"):
     ops.resolve_conv_lowering((1, 8, 8, 3), (3, 3, 3))

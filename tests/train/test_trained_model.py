@@ -4,6 +4,7 @@ more from a loaded model; every unreadable or foreign saved model and every bad 
 the file or the argument."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -93,6 +94,71 @@ def test_predict_and_evaluate_compile_once_per_batch_size_with_the_last_batch_pa
   np.testing.assert_array_equal(first[:40], second)     # the padding changes nothing
   one = result.predict(images[5:6], batch_size=32)
   np.testing.assert_array_equal(one[0], first[5])
+
+
+@contextlib.contextmanager
+def _jax_work():
+  """The traces and XLA compilations JAX performs inside the block (jax.monitoring's events)."""
+  names = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/backend_compile_duration")
+  events = []
+
+  def listen(name, seconds, **kwargs):
+    if name in names:
+      events.append(name)
+
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    yield events
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+
+
+def test_later_calls_trace_and_compile_nothing_and_a_loaded_copy_shares_the_programs(registry_run, tmp_path):
+  result, images, labels = registry_run
+  first = result.predict(images[:50], batch_size=16)
+  metrics = result.evaluate(images[:50], labels[:50], batch_size=16)
+  loaded = train.load(result.save(tmp_path / "m"))
+  with _jax_work() as work:
+    again = result.predict(images[:50], batch_size=16)
+    fewer = result.predict(images[:9], batch_size=16)
+    assert result.evaluate(images[:50], labels[:50], batch_size=16) == metrics
+    result.evaluate(images[:20], labels[:20], batch_size=16)
+    copy = loaded.predict(images[:50], batch_size=16)           # same module and preprocessing: same programs
+  assert work == []
+  np.testing.assert_array_equal(again, first)
+  np.testing.assert_array_equal(fewer, first[:9])
+  np.testing.assert_array_equal(copy, first)
+  before = dict(train.TRACE_COUNTS)
+  with _jax_work() as work:   # the copy checks its targets' shapes (abstractly) once, and compiles nothing
+    assert loaded.evaluate(images[:50], labels[:50], batch_size=16) == metrics
+  assert "/jax/core/compile/backend_compile_duration" not in work and train.TRACE_COUNTS == before
+
+
+def test_calls_spanning_several_chunks_equal_one_chunk(registry_run):
+  from jaxcnn.train import model as model_lib
+  result, images, labels = registry_run
+  count = model_lib.MAX_CHUNK_BATCHES * 4 + 10                  # batch 4: 17 batches, two chunks
+  many = result.predict(images[:count], batch_size=4)
+  one = result.predict(images[:count], batch_size=128)
+  np.testing.assert_allclose(many, one, rtol=1e-5, atol=1e-5)
+  split = result.evaluate(images[:count], labels[:count], batch_size=4)
+  whole = result.evaluate(images[:count], labels[:count], batch_size=128)
+  assert split["loss"] == pytest.approx(whole["loss"], rel=1e-5) and split["accuracy"] == whole["accuracy"]
+
+
+def test_functional_evaluate_compiles_once_per_batch_shape(registry_run):
+  result, images, labels = registry_run
+  model, spec = result.module, result.preprocessing
+  first = train.evaluate(result.variables, model, (images[:70], labels[:70]), preprocessing=spec, batch_size=32)
+  assert first == pytest.approx(result.evaluate(images[:70], labels[:70], batch_size=32), rel=1e-6)
+  other = jax.tree.map(lambda a: a * 0.5, result.variables)  # other weights, same shapes
+  before = dict(train.TRACE_COUNTS)
+  with _jax_work() as work:
+    again = train.evaluate(result.variables, model, (images[:70], labels[:70]), preprocessing=spec, batch_size=32)
+    train.evaluate(result.state, model, (images[:33], labels[:33]), preprocessing=spec, batch_size=32)
+    halved = train.evaluate(other, model, (images[:70], labels[:70]), preprocessing=spec, batch_size=32)
+  assert work == [] and train.TRACE_COUNTS == before
+  assert again == first and halved != first
 
 
 def test_evaluate_is_fits_validation(softmax_run):
