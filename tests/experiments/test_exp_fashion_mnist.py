@@ -32,7 +32,7 @@ def test_tiny_run_compares_with_the_benchmark(shared_datasets, tmp_path):
                        {"train": 320, "test": 96})
   config = fashion_mnist.get_config()
   config.data.update(dict(dataset="tiny_fashion", data_dir=str(raw.parent), tfds_data_dir=str(tmp_path / "tfds")))
-  config.train.update(dict(epochs=1, batch_size=32, validation_batch_size=32, log_every=5, warmup_steps=2))
+  config.train.update(dict(epochs=1, batch_size=32, validation_batch_size=32, log_every=4, warmup_steps=2))
   config.update(dict(model="mnist_convnet", eval_batch_size=32))
   workdir = tmp_path / "run"
   summary = fashion_mnist.main(config, workdir)

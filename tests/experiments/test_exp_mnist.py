@@ -155,7 +155,7 @@ def test_cli_mnist_convnet_one_epoch(tiny_digits, tmp_path):
                 f"--config.data.dataset={tiny_digits['dataset']}", f"--config.data.data_dir={tiny_digits['data_dir']}",
                 f"--config.data.tfds_data_dir={tiny_digits['tfds_data_dir']}", "--config.train.batch_size=32",
                 "--config.train.validation_batch_size=32", "--config.eval_batch_size=32",
-                "--config.train.log_every=3", "--config.train.weight_decay=1e-4")
+                "--config.train.log_every=4", "--config.train.weight_decay=1e-4")
   assert result.returncode == 0, result.stderr[-2000:]
   summary = json.loads((workdir / "summary.json").read_text())
   assert (summary["results"]["model"], summary["run"]["epochs"], summary["results"]["parameters"]) == (
