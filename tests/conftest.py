@@ -35,14 +35,15 @@ if "JAXCNN_COMPILATION_CACHE" not in os.environ and "JAXCNN_TEST_COMPILATION_CAC
 if "JAXCNN_TEST_COMPILATION_CACHE" in os.environ:
   # JAX's own variables (read by jax at import, here and in every subprocess) and jaxcnn's (read by the
   # experiment commands, which store every program as a user's run does). The test processes store only
-  # programs that took a second or more to compile (the thousands of small ones would cost more to write
-  # than to compile) and set no size limit: with one, JAX rescans the whole directory under a file lock
-  # at every write, which made a session that wrote every program half as fast again.
+  # programs that took a second or more to compile: with the size limit (which every process sharing the
+  # directory must set alike: JAX keeps its access-time files only then), JAX rescans the whole directory
+  # under a file lock at every write, and writing the thousands of small programs made a session half as
+  # fast again.
   _directory = os.environ["JAXCNN_TEST_COMPILATION_CACHE"]
   for _key, _value in {"JAXCNN_COMPILATION_CACHE": _directory, "JAX_COMPILATION_CACHE_DIR": _directory,
                        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "1",
                        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
-                       "JAX_COMPILATION_CACHE_MAX_SIZE": "-1"}.items():
+                       "JAX_COMPILATION_CACHE_MAX_SIZE": str(4 << 30)}.items():
     os.environ.setdefault(_key, _value)
 
 import jax  # noqa: E402
