@@ -49,7 +49,7 @@ from jaxcnn.train.config import augment_config, augments, best_mode, validate_co
 from jaxcnn.train.feed import ResidentFeed, choose_feed, make_feed
 from jaxcnn.train.losses import get_loss, has_accuracy, resolve_from_logits
 from jaxcnn.train.model import TrainedModel
-from jaxcnn.train.optim import make_optimizer, make_schedule
+from jaxcnn.train.optim import logged_learning_rate, make_optimizer, make_schedule
 from jaxcnn.train.parallel import Strategy, device_count, fetch, make_strategy, maybe_initialize_distributed
 from jaxcnn.train.state import TrainState, create_train_state, init_variables, zero_metric_sums
 from jaxcnn.train.step import make_steps, summarize
@@ -580,9 +580,7 @@ class _Loop:
     self.strategy, self.config, self.feed = strategy, config, feed
     self.steps_per_epoch, self.first_step, self.last_epoch = steps_per_epoch, first_step, last_epoch
     self.train_fn, self.next_epoch_fn, self.evaluate_val = train_fn, next_epoch_fn, evaluate_val
-    # The epoch's learning rate for the logs: one small program (run op by op, a schedule compiles one
-    # per operation); a constant schedule's rate is the configured number itself.
-    self.schedule = (lambda step: float(config.learning_rate)) if config.schedule == "constant" else jax.jit(schedule)
+    self.learning_rate = logged_learning_rate(config, schedule)  # step -> float, for the logs
     self.with_acc = _with_accuracy(config.loss)
     self.checkpointer: Checkpointer | None = None
     self.global_step = 0
@@ -652,7 +650,7 @@ class _Loop:
     strategy, checkpointer = self.strategy, self.checkpointer
     if metrics is None:  # resumed exactly at the end of an epoch: no step ran in it here
       metrics = self._sync(state, first_bad, epoch)
-    lr = float(self.schedule(np.int32(max(self.global_step - 1 - self.first_step, 0))))
+    lr = self.learning_rate(max(self.global_step - 1 - self.first_step, 0))
     logs = {"epoch": epoch + 1, **metrics, "lr": lr}
     if self.evaluate_val is not None:
       logs.update(summarize(self.evaluate_val(state), "val_", self.with_acc))

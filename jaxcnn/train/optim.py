@@ -7,8 +7,10 @@ with a schedule; parameters whose '/'-joined path matches a `config.freeze` rege
 from __future__ import annotations
 
 import re
+from typing import Callable
 
 import jax
+import numpy as np
 import optax
 
 from jaxcnn.errors import ConfigError
@@ -41,6 +43,19 @@ def make_schedule(config, total_steps: int) -> optax.Schedule:
     return optax.piecewise_constant_schedule(
         lr, {int(b): float(s) for b, s in zip(config.boundaries, config.scales)})
   raise ConfigError(f"config: schedule={name!r} is not a known schedule")
+
+
+def logged_learning_rate(config, schedule: optax.Schedule) -> Callable[[int], float]:
+  """step -> the learning rate `schedule` (from make_schedule(config, ...)) gives, as a Python float for
+  logs and history. A constant schedule's rate is the configured number itself (not its float32
+  rounding); any other schedule runs as one jitted program (run op by op, it would compile one program
+  per operation).
+  """
+  if config.schedule == "constant":
+    rate = float(config.learning_rate)
+    return lambda step: rate
+  compiled = jax.jit(schedule)
+  return lambda step: float(compiled(np.int32(step)))
 
 
 def param_paths(params) -> list[str]:

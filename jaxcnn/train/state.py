@@ -97,19 +97,19 @@ def create_train_state(model, input_shape, config=None, *, total_steps: int = 1,
   if not input_shape or any(d < 1 for d in input_shape):
     raise ValueError(f"create_train_state: input_shape {input_shape} must be one example's positive shape")
   seed = int(config.seed)
-  if tx is None:
-    abstract = jax.eval_shape(lambda: init_variables(model, input_shape, seed, input_dtype))
-    tx = make_optimizer(config, abstract["params"], total_steps)
 
   def build() -> TrainState:
     variables = init_variables(model, input_shape, seed, input_dtype)
     params = variables["params"]
+    # make_optimizer reads only the tree's paths (freeze masks), so it is built here, from the traced
+    # parameters, and the model's init is traced once.
+    opt = tx if tx is not None else make_optimizer(config, params, total_steps)
     # A different stream from the one init used, so dropout masks are independent of the init draws.
     rng = jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1))
     zero = lambda: jnp.zeros((), jnp.int32)  # noqa: E731
     return TrainState(step=zero(), params=params, batch_stats=variables.get("batch_stats", {}),
-                      opt_state=tx.init(params), rng=rng, epoch=zero(), epoch_step=zero(),
-                      metric_sums=zero_metric_sums(), tx=tx)
+                      opt_state=opt.init(params), rng=rng, epoch=zero(), epoch_step=zero(),
+                      metric_sums=zero_metric_sums(), tx=opt)
 
   # One compiled program: run op by op, the initialisers, the forward pass init traces and the optimizer's
   # zeros would each compile a program of their own (about a hundred for a small CNN). The outputs are
