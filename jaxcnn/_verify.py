@@ -49,6 +49,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxcnn._compile import run_once
+
 __all__ = ["verify", "VerifyResult", "ErrorStat", "default_tolerance", "TRANSFORMS", "OpSpec", "OPS",
            "op_spec"]
 
@@ -248,7 +250,7 @@ def _make_call(fn, args, kwargs):
 def _run(fn, args, diff: Sequence[int], kwargs, cts):
   """jit: (outputs, grads of sum_leaves sum(out * ct) w.r.t. args[diff]), computed in one pass."""
   run, traced = _base(fn, args, diff, kwargs, cts)
-  return _run_compiled(run, tuple(args[i] for i in diff), {i: args[i] for i in traced if i not in diff})
+  return run_once(run, tuple(args[i] for i in diff), {i: args[i] for i in traced if i not in diff})
 
 
 def _base(fn, args, diff: Sequence[int], kwargs, cts):
@@ -275,19 +277,6 @@ def _base(fn, args, diff: Sequence[int], kwargs, cts):
   return run, traced
 
 
-def _run_compiled(fn, *args):
-  """jit(fn)(*args), compiled cheaply on CPU.
-
-  The programs verify runs are small and run once, so compiling is nearly all their cost: on CPU they
-  are compiled at XLA's lowest backend (LLVM) optimisation level, which keeps the same HLO program and
-  IEEE semantics (no fast-math) and only spends less time optimising machine code.
-  """
-  lowered = jax.jit(fn).lower(*args)
-  options = _CHEAP_COMPILE if jax.default_backend() == "cpu" else None
-  return lowered.compile(options)(*args)
-
-
-_CHEAP_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 def verify(op, *args, argnums: int | Sequence[int] | None = None, lowering: str | None = None,
@@ -563,13 +552,13 @@ def _transform_values(fn, spec, args, diff, names, kwargs, transforms, tangents,
     if not group and not with_base:
       continue
     try:
-      values.update(_run_compiled(functools.partial(program, group=group, with_base=with_base), arrays))
+      values.update(run_once(functools.partial(program, group=group, with_base=with_base), arrays))
     except Exception:  # noqa: BLE001 -- some errors surface only when lowering: find whose, one by one
       if with_base:
-        values.update(_run_compiled(functools.partial(program, group=(), with_base=True), arrays))
+        values.update(run_once(functools.partial(program, group=(), with_base=True), arrays))
       for t in group:
         try:
-          values.update(_run_compiled(functools.partial(program, group=(t,), with_base=False), arrays))
+          values.update(run_once(functools.partial(program, group=(t,), with_base=False), arrays))
         except Exception as err:  # noqa: BLE001
           errors[t] = f"raised {type(err).__name__}: {' '.join(str(err).split())[:300]}"
   if fast and "export" in transforms:
@@ -673,7 +662,7 @@ def _exported(call, args, traced, diff, diff_names, batch_arg, spec, cts):
   ct_shapes = tuple(symbolic(ct.shape, ct.dtype, j not in spec.replicated_outputs)
                     for j, ct in enumerate(cts))
   exported = export.export(jax.jit(program))(array_shapes, ct_shapes)
-  out, grads = _run_compiled(exported.call, tuple(args[i] for i in traced), tuple(cts))
+  out, grads = run_once(exported.call, tuple(args[i] for i in traced), tuple(cts))
   return {**dict(zip(_leaf_names(len(out)), out)), **{f"d/d{n}": g for n, g in zip(diff_names, grads)}}
 
 
