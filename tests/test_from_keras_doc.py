@@ -40,8 +40,13 @@ def _write_vgg16_notop(path: pathlib.Path) -> dict:
   import jax.numpy as jnp
 
   from jaxcnn import models
-  params = models.get("vgg16", include_top=False).init(jax.random.key(7), jnp.zeros((1, 48, 48, 3)))["params"]
-  weights = {name: (np.asarray(p["kernel"]), np.asarray(p["bias"])) for name, p in params.items()}
+  # Random weights of the model's shapes (traced, not compiled: run op by op, VGG16's init compiles
+  # dozens of random-number programs).
+  shapes = jax.eval_shape(models.get("vgg16", include_top=False).init, jax.random.key(7),
+                          jnp.zeros((1, 48, 48, 3)))["params"]
+  rng = np.random.default_rng(7)
+  weights = {name: tuple(rng.normal(0.0, 0.05, p[k].shape).astype(np.float32) for k in ("kernel", "bias"))
+             for name, p in shapes.items()}
   with h5py.File(path, "w") as handle:
     handle.attrs["layer_names"] = [name.encode() for name in weights]
     for name, (kernel, bias) in weights.items():

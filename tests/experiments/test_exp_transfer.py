@@ -86,8 +86,11 @@ def test_freeze_patterns_and_transplant():
   with pytest.raises(ValueError, match=r"trained: expected 'head', 'late' or 'all', got 'some'"):
     transfer.freeze_patterns(params, "some", "dense", ())
 
-  source = models.get("mnist_convnet", num_classes=5).init(jax.random.key(1), jnp.zeros((1, 28, 28, 1)))["params"]
-  target = models.get("mnist_convnet", num_classes=10).init(jax.random.key(2), jnp.zeros((1, 28, 28, 1)))["params"]
+  def init(classes, seed):  # one program each, not one per operation
+    model = models.get("mnist_convnet", num_classes=classes)
+    return jax.jit(lambda: model.init(jax.random.key(seed), jnp.zeros((1, 28, 28, 1))))()["params"]
+
+  source, target = init(5, 1), init(10, 2)
   merged = transfer.transplant(source, target, "dense")
   np.testing.assert_array_equal(merged["conv2d_1"]["kernel"], source["conv2d_1"]["kernel"])
   np.testing.assert_array_equal(merged["dense"]["kernel"], target["dense"]["kernel"])  # the new head
