@@ -277,8 +277,6 @@ def _base(fn, args, diff: Sequence[int], kwargs, cts):
   return run, traced
 
 
-
-
 def verify(op, *args, argnums: int | Sequence[int] | None = None, lowering: str | None = None,
            rtol: float | None = None, atol: float | None = None, check_grads: bool = False,
            seed: int = 0, transforms: Sequence[str] = (), **kwargs) -> VerifyResult:
