@@ -171,15 +171,30 @@ def check_writable(directory) -> None:
 # -- Orbax's background noise on a failed write -----------------------------------------------------------
 
 class _StorageNoiseFilter(logging.Filter):
-  """Drops Orbax's logged tracebacks of a failed write: the run reports it as one StorageError line."""
+  """Drops Orbax's logged tracebacks of a failed write: the run reports it as one StorageError line.
+
+  With `orbax_tasks_only`, only asyncio's reports of an abandoned Orbax task ("Task exception was never
+  retrieved ... coro=<... defined at .../orbax/...>") are dropped; any other asyncio error passes.
+  """
+
+  def __init__(self, orbax_tasks_only: bool = False):
+    super().__init__()
+    self._orbax_tasks_only = orbax_tasks_only
 
   def filter(self, record: logging.LogRecord) -> bool:
     if record.levelno < logging.ERROR:
       return True
-    texts = [record.getMessage()]
+    message = record.getMessage()
+    if self._orbax_tasks_only and not (message.startswith("Task exception was never retrieved")
+                                       and re.search(r"defined at \S*orbax", message)):
+      return True
+    texts = [message]
     if record.exc_info and record.exc_info[1] is not None:
       texts.append(str(record.exc_info[1]))
-    return not any(_errno_in_text(t) is not None for t in texts)
+    if any(_errno_in_text(t) is not None for t in texts):
+      _LOG.debug("dropped a logged traceback of a failed Orbax write: %s", message.splitlines()[0])
+      return False
+    return True
 
 
 _quieted = False
@@ -190,7 +205,8 @@ def quiet_orbax_storage_noise() -> None:
 
   A failed asynchronous save makes Orbax log each failing background thread's traceback, tensorstore
   report writes still in flight to the event loop Orbax has already closed ("Event loop is closed"), and
-  the interpreter report their abandoned coroutines at exit: dozens of tracebacks around the one error
+  the interpreter report their abandoned coroutines at exit, and asyncio report the failed tasks nobody
+  awaited when they are collected ("Task exception was never retrieved"): dozens of tracebacks around the one error
   the save raises, which the Checkpointer translates. Only those are dropped: records and unraisable
   exceptions of other origins pass as before.
   """
@@ -199,6 +215,7 @@ def quiet_orbax_storage_noise() -> None:
     return
   _quieted = True
   logging.getLogger("absl").addFilter(_StorageNoiseFilter())
+  logging.getLogger("asyncio").addFilter(_StorageNoiseFilter(orbax_tasks_only=True))
   previous = sys.unraisablehook
 
   def hook(unraisable):

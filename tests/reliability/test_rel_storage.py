@@ -5,9 +5,12 @@ process (jaxcnn.storage.inject_faults), and for real through the command on a ti
 """
 from __future__ import annotations
 
+import asyncio
 import errno
+import gc
 import hashlib
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -151,6 +154,42 @@ def test_atomic_files_figures_and_summary_on_a_full_disk_keep_the_old_file_whole
     assert "\n" not in str(caught.value) and caught.value.exit_code == 5
     assert path.read_bytes() == b"the finished file", kind
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")], kind
+
+
+def _abandoned_failed_task(filename: str, message: str) -> None:
+  """Runs a task of a coroutine defined in `filename` that raises ValueError(message), never retrieves its
+  exception, and collects it: asyncio then reports "Task exception was never retrieved"."""
+  namespace = {"message": message}
+  exec(compile("async def write_fragment():\n  raise ValueError(message)\n", filename, "exec"), namespace)
+  loop = asyncio.new_event_loop()
+  try:
+    task = loop.create_task(namespace["write_fragment"]())
+    loop.run_until_complete(asyncio.wait([task]))
+    del task
+    gc.collect()
+  finally:
+    loop.close()
+
+
+def test_abandoned_orbax_tasks_of_a_failed_write_are_not_reported_but_other_task_errors_are(caplog):
+  """A full disk during an async save leaves Orbax's failed tasks unawaited; asyncio reporting them when they
+  are collected (at any time, exit included) put tracebacks around the one-line error. Only Orbax's tasks
+  failing for storage are dropped: another module's task, or an Orbax task failing otherwise, is reported."""
+  storage.quiet_orbax_storage_noise()
+  orbax_file = "/site-packages/orbax/checkpoint/_src/serialization/serialization.py"
+  full = ("RESOURCE_EXHAUSTED: Error writing \"x/0.0\" in OCDBT database at local file \"/w/9/\": "
+          f"Failed to write 217175 bytes to file 6: {ENOSPC} [os_error_code='28']")
+  cases = {"orbax, disk full": (orbax_file, full, False),
+           "other module, disk full": ("/site-packages/somelib/io.py", full, True),
+           "orbax, another error": (orbax_file, "INVALID_ARGUMENT: shape mismatch", True)}
+  for case, (filename, message, reported) in cases.items():
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+      _abandoned_failed_task(filename, message)
+    records = [r for r in caplog.records if r.name == "asyncio"]
+    assert len(records) == int(reported), (case, [r.getMessage() for r in records])
+    if reported:
+      assert records[0].getMessage().startswith("Task exception was never retrieved"), case
 
 
 # -- for real: the command on a tiny tmpfs ---------------------------------------------------------------
