@@ -28,6 +28,7 @@ data; `preprocess(spec, inputs)` applies it to raw inputs (what predict/evaluate
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import queue
 import threading
@@ -592,24 +593,36 @@ class ResidentPipeline(_Pipeline):
       self._device = jax.device_put(self._host, place) if place is not None else jax.device_put(self._host)
     return self._device
 
-  def indices(self, epoch, step):
-    """(example indices int32 (B,), mask float32 (B,)) of batch `step` of `epoch`; pure and jittable."""
+  def indices(self, epoch, step, *, index_layout=None):
+    """(example indices int32 (B,), mask float32 (B,)) of batch `step` of `epoch`; pure and jittable.
+    `index_layout` (see `batch_fn`) lays out every value up to the shuffled indices."""
+    layout = index_layout if index_layout is not None else (lambda x: x)
     epoch = jnp.asarray(epoch, jnp.int32)
     step = jnp.asarray(step, jnp.int32)
-    positions = step * self.batch_size + jnp.arange(self.batch_size, dtype=jnp.int32)
-    mask = positions < self.num_examples
-    positions = jnp.where(mask, positions, 0)
+    positions = layout(step * self.batch_size + jnp.arange(self.batch_size, dtype=jnp.int32))
+    mask = layout(positions < self.num_examples)
+    positions = layout(jnp.where(mask, positions, 0))
     if self.shuffle:
       positions = shuffle_positions(positions, jax.random.fold_in(self._shuffle_key, epoch), self.num_examples)
-    return positions.astype(jnp.int32), mask.astype(jnp.float32)
+    return layout(positions.astype(jnp.int32)), mask.astype(jnp.float32)
 
-  def batch_fn(self, arrays, epoch, step) -> dict:
+  def batch_fn(self, arrays, epoch, step, *, index_layout=None) -> dict:
     """Batch `step` of `epoch` from `device_arrays()`; pure and jittable (epoch, step int32 scalars).
+
+    Args:
+      arrays: `device_arrays()`.
+      epoch, step: int32 scalars.
+      index_layout: inside a partitioned program, a function laying out the batch's example indices
+        (e.g. a replicated sharding constraint). The shuffle's cycle walk is a loop whose condition
+        reads every index: left to the partitioner with the batch split over devices, the condition
+        becomes a cross-device reduction inside a loop, which XLA:CPU's executor can run out of order
+        with the program's other collectives and deadlock. Computed whole on every device, the loop
+        needs no communication (a batch's indices are a few hundred integers).
 
     Returns:
       {"image": model inputs (B, ...), "label": targets (B, ...), "mask": float32 (B,)}.
     """
-    index, mask = self.indices(epoch, step)
+    index, mask = self.indices(epoch, step, index_layout=index_layout)
     raw = {"image": jnp.take(arrays["images"], index, axis=0), "label": jnp.take(arrays["labels"], index, axis=0),
            "mask": mask}
     return self.transform(raw, epoch, step)
@@ -623,8 +636,14 @@ class ResidentPipeline(_Pipeline):
     """Yields batches start_step .. steps_per_epoch-1 of `epoch` (identical to `batch_fn`)."""
     _check_position(epoch, start_step, self.steps_per_epoch)
     if self._jitted is None:
-      self._jitted = (jax.jit(self.batch_fn, out_shardings=self.sharding) if self.sharding is not None
-                      else jax.jit(self.batch_fn))
+      if isinstance(self.sharding, jax.sharding.NamedSharding):
+        whole = jax.sharding.NamedSharding(self.sharding.mesh, jax.sharding.PartitionSpec())
+        layout = functools.partial(jax.lax.with_sharding_constraint, shardings=whole)
+        self._jitted = jax.jit(functools.partial(self.batch_fn, index_layout=layout), out_shardings=self.sharding)
+      elif self.sharding is not None:
+        self._jitted = jax.jit(self.batch_fn, out_shardings=self.sharding)
+      else:
+        self._jitted = jax.jit(self.batch_fn)
     arrays = self.device_arrays()
     for step in range(start_step, self.steps_per_epoch):
       batch = self._jitted(arrays, np.int32(epoch), np.int32(step))

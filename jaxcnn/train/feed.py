@@ -16,6 +16,7 @@ A chunk is described by a plan entry (first step, number of steps); batches stay
 """
 from __future__ import annotations
 
+import inspect
 from typing import Iterator, Sequence
 
 import jax
@@ -37,6 +38,10 @@ class ResidentFeed:
     self.pipeline, self.chunk = pipeline, int(chunk)
     arrays = pipeline.host_arrays() if hasattr(pipeline, "host_arrays") else pipeline.device_arrays()
     self.constants = strategy.place_replicated(arrays)
+    # The batch's example indices computed whole on every device where batch_fn lets the caller lay them
+    # out (see ResidentPipeline.batch_fn): no collective inside the shuffle's loop.
+    takes_layout = "index_layout" in inspect.signature(pipeline.batch_fn).parameters
+    self._layout = {"index_layout": strategy.replicate} if takes_layout else {}
 
   def chunks(self, epoch: int, plan: Sequence[tuple[int, int]]) -> Iterator[None]:
     """One (empty) input per plan entry: the program reads the constants."""
@@ -44,7 +49,7 @@ class ResidentFeed:
       yield None
 
   def batch(self, constants, x, epoch, step, offset):
-    return self.pipeline.batch_fn(constants, epoch, step)
+    return self.pipeline.batch_fn(constants, epoch, step, **self._layout)
 
 
 class _HostChunks:

@@ -189,6 +189,10 @@ class Strategy:
     """Inside a program: a batch made there, laid out as the batches fed in are."""
     return batch
 
+  def replicate(self, tree):
+    """Inside a program: `tree` computed whole on every device (no cross-device communication for it)."""
+    return tree
+
   def compile(self, fn, *, per_replica: tuple[int, ...], donate: tuple[int, ...] = ()):
     """`fn` compiled for this mode; `per_replica`: the positional arguments held per replica (state-like);
     the others are the same for every device. Outputs are per replica."""
@@ -242,6 +246,9 @@ class MeshStrategy(Strategy):
 
   def constrain(self, batch: dict) -> dict:
     return jax.lax.with_sharding_constraint(batch, self.batch_sharding)
+
+  def replicate(self, tree):
+    return jax.lax.with_sharding_constraint(tree, self.replicated)
 
   def compile(self, fn, *, per_replica: tuple[int, ...], donate: tuple[int, ...] = ()):
     return jax.jit(fn, donate_argnums=donate, out_shardings=self.replicated)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pathlib
+import re
 import sys
 
 import jax
@@ -116,3 +117,97 @@ def test_streaming_equals_scan(data):
   streamed = _fit(make_model(), StreamingView(data[0]), "none")
   assert scanned.history["loss"] == pytest.approx(streamed.history["loss"], rel=1e-6)
   _assert_states_close(scanned.state, streamed.state)
+
+
+# -- collectives and loops ------------------------------------------------------------------------------
+
+_COLLECTIVES = re.compile(r"\b(all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter)(-start)?\(")
+_CALLED = re.compile(r"(?:condition|body|calls|to_apply|true_computation|false_computation)=%([\w.\-]+)"
+                     r"|branch_computations=\{([^}]*)\}")
+
+
+def _hlo_computations(text: str) -> tuple[dict[str, str], str]:
+  """{computation name: its body text} of an HLO module's text, and the entry computation's name."""
+  bodies, entry, name = {}, None, None
+  for line in text.splitlines():
+    head = re.match(r"^(ENTRY )?%([\w.\-]+) ", line)
+    if head and line.rstrip().endswith("{"):
+      name = head.group(2)
+      entry = name if head.group(1) else entry
+      bodies[name] = []
+    elif name is not None:
+      bodies[name].append(line)
+  return {k: "\n".join(v) for k, v in bodies.items()}, entry
+
+
+def _collectives_inside_nested_loops(text: str) -> list[str]:
+  """The collectives reachable from the condition or body of any while loop that is not the entry's own
+  (the chunk's scan over steps): "loop <- collective" per finding."""
+  bodies, entry = _hlo_computations(text)
+
+  def reachable(names):
+    seen, todo = set(), list(names)
+    while todo:
+      n = todo.pop()
+      if n in seen or n not in bodies:
+        continue
+      seen.add(n)
+      for single, many in _CALLED.findall(bodies[n]):
+        todo.extend([single] if single else [m.strip().lstrip("%") for m in many.split(",")])
+    return seen
+
+  found = []
+  for name, body in bodies.items():
+    if name == entry:
+      continue
+    for line in body.splitlines():
+      if " while(" not in line:
+        continue
+      loop = re.search(r"%([\w.\-]+) = ", line).group(1)
+      called = [m for m in re.findall(r"(?:condition|body)=%([\w.\-]+)", line)]
+      for comp in reachable(called):
+        found += [f"{loop} <- {m.group(1)} in {comp}" for m in _COLLECTIVES.finditer(bodies[comp])]
+  return found
+
+
+def test_no_collective_runs_inside_a_loop_of_the_data_parallel_step(data, monkeypatch):
+  """A collective inside a loop of a step (the shuffle's cycle walk, split over the devices, made its
+  loop condition a cross-device reduction) can run out of order with the step's other collectives:
+  XLA:CPU then parks every thread of its pool in a rendezvous and the run hangs (seen as a deadlock of
+  4-device runs). The compiled 4-device training and evaluation programs of a shuffled, device-resident
+  run keep every collective outside such loops; the checker itself finds one in a program built to have
+  one."""
+  from jaxcnn.train import parallel
+  assert jax.device_count() == 4
+  programs, original = {}, parallel.MeshStrategy.compile
+
+  def compile(self, fn, **kwargs):
+    jitted = original(self, fn, **kwargs)
+
+    def call(*args):
+      spec = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding)  # noqa: E731
+      programs.setdefault(fn.__name__, (jitted, jax.tree.map(spec, args)))
+      return jitted(*args)
+    return call
+
+  monkeypatch.setattr(parallel.MeshStrategy, "compile", compile)
+  train_data, val_data = data
+  assert train_data.shuffle
+  train.fit(make_model(), train_data, config=dict(log_every=2, parallel="jit", progress="none", feed="device"),
+            val_data=val_data)
+  assert {"train_chunk", "eval_chunk"} <= set(programs)
+  for name in ("train_chunk", "eval_chunk"):
+    jitted, args = programs[name]
+    text = jitted.lower(*args).compile().as_text()
+    assert _COLLECTIVES.search(text), name                          # it is data-parallel at all
+    assert _collectives_inside_nested_loops(text) == [], (name, _collectives_inside_nested_loops(text))
+
+  # The checker on a program with a cross-device reduction in a loop's condition.
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("d",))
+  split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d"))
+
+  def walk(x, n):
+    return jax.lax.fori_loop(0, n, lambda _, v: jax.lax.while_loop(lambda u: jnp.any(u > 3), lambda u: u - 1, v), x)
+
+  bad = jax.jit(walk, in_shardings=(split, None), out_shardings=split).lower(jnp.arange(16), 2).compile().as_text()
+  assert any("all-reduce" in f for f in _collectives_inside_nested_loops(bad)), bad
