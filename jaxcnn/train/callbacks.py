@@ -167,8 +167,8 @@ class TensorBoard(Callback):
   """Writes every epoch metric as a TensorBoard scalar under `logdir` (an events file per run, x-axis =
   epoch), flushed at each epoch's end.
 
-  Written in the calling thread with tensorboardX's event writer (not its background thread), so a
-  failed write (a full disk) is raised here as a StorageError naming the file, not lost in a thread.
+  Written in the calling thread (jaxcnn.train.tfevents, not a background thread), so a failed write (a
+  full disk) is raised here as a StorageError naming the folder, not lost in a thread.
   """
 
   def __init__(self, logdir):
@@ -178,18 +178,12 @@ class TensorBoard(Callback):
   def on_epoch_end(self, epoch: int, logs: dict, state) -> None:
     if jax.process_index() != 0:
       return
-    from tensorboardX.event_file_writer import EventsWriter  # imported on first use: slow to import
-    from tensorboardX.proto import event_pb2
-    from tensorboardX.summary import scalar
-
     from jaxcnn.storage import storage_errors
+    from jaxcnn.train.tfevents import EventFileWriter
     with storage_errors(self.logdir):
       if self._writer is None:
-        self.logdir.mkdir(parents=True, exist_ok=True)
-        self._writer = EventsWriter(str(self.logdir / "events"))
-      now = time.time()
-      for key, value in logs.items():
-        self._writer.write_event(event_pb2.Event(wall_time=now, step=epoch + 1, summary=scalar(key, float(value))))
+        self._writer = EventFileWriter(self.logdir)
+      self._writer.add_scalars(epoch + 1, {key: float(value) for key, value in logs.items()})
       self._writer.flush()
 
   def on_train_end(self, state):
