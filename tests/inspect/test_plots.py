@@ -183,3 +183,15 @@ def test_feature_maps_bad_input():
     inspect.feature_maps(model, variables, jnp.zeros((1, 5, 5, 1)), layer_types=(int,))
   with pytest.raises(ValueError, match="no layer of type Dense"):
     inspect.feature_maps(model, variables, jnp.zeros((1, 5, 5, 1)), layer_types=Dense)
+
+
+def test_montage_puts_each_tile_below_its_label_band_and_leaves_the_rest_white():
+  tiles = [np.full((2, 3, 3), value) for value in (0.0, 0.2, 0.4, 0.6, 0.8)]
+  canvas, origins = plots._montage(tiles, cols=2, band=1, gap=1)
+  assert canvas.shape == (3 * (1 + 2), 2 * 3 + 1, 3)  # 3 rows of (band + tile), 2 tiles and a gap wide
+  assert origins == [(1, 0), (1, 4), (4, 0), (4, 4), (7, 0)]
+  covered = np.zeros(canvas.shape[:2], bool)
+  for tile, (top, left) in zip(tiles, origins):
+    np.testing.assert_array_equal(canvas[top:top + 2, left:left + 3], tile)
+    covered[top:top + 2, left:left + 3] = True
+  assert np.all(canvas[~covered] == 1.0)
