@@ -13,6 +13,7 @@ Every OSError (a full disk, an unwritable folder) is raised to the caller, from 
 """
 from __future__ import annotations
 
+import math
 import os
 import pathlib
 import socket
@@ -78,6 +79,16 @@ def _bytes_field(number: int, payload: bytes) -> bytes:
   return _key(number, 2) + _varint(len(payload)) + payload
 
 
+def _float32(value: float) -> bytes:
+  """`value` as a little-endian float32 (simple_value's type): rounded, and beyond float32's range the
+  infinity of its sign, as a float32 holds it (struct would raise OverflowError)."""
+  value = float(value)
+  try:
+    return struct.pack("<f", value)
+  except OverflowError:
+    return struct.pack("<f", math.copysign(math.inf, value))
+
+
 def encode_event(wall_time: float, step: int = 0, *, file_version: str | None = None,
                  scalars: Mapping[str, float] | None = None) -> bytes:
   """A serialised `tensorflow.Event`: wall_time (1, double), step (2, int64), file_version (3, string)
@@ -88,7 +99,7 @@ def encode_event(wall_time: float, step: int = 0, *, file_version: str | None = 
   if file_version is not None:
     out += _bytes_field(3, file_version.encode())
   if scalars:
-    values = b"".join(_bytes_field(1, _bytes_field(1, str(tag).encode()) + _key(2, 5) + struct.pack("<f", float(value)))
+    values = b"".join(_bytes_field(1, _bytes_field(1, str(tag).encode()) + _key(2, 5) + _float32(value))
                       for tag, value in scalars.items())
     out += _bytes_field(5, values)
   return out
