@@ -279,7 +279,7 @@ def plot_filters(kernel_hwio, path, *, title: str = "First-layer filters", max_f
   if min(kernel.shape) == 0:
     raise ValueError(f"kernel_hwio: expected non-empty dimensions, got shape {kernel.shape}")
   shown = min(cout, max_filters)
-  cols = min(shown, 8)
+  _, cols = _grid(shown, 8)
   tiles = [_scale01(kernel[..., i]) if cin == 3 else _grey(_scale01(kernel[..., i].mean(axis=-1)))
            for i in range(shown)]
   # One image of all tiles on one axes (not an axes per tile): drawn in a fraction of the time.
