@@ -74,7 +74,7 @@ class JaxcnnRaw(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     config = self.builder_config
-    return self.dataset_info_from_configs(
+    info = self.dataset_info_from_configs(
         features=tfds.features.FeaturesDict({
             # Stored as one bytes value (not tfds' default of one int64 per pixel): 8x smaller on disk
             # and read back with a single np.frombuffer.
@@ -87,6 +87,11 @@ class JaxcnnRaw(tfds.core.GeneratorBasedBuilder):
         disable_shuffling=True,
         metadata=tfds.core.MetadataDict(class_names=list(config.class_names), raw_dir=config.raw_dir),
     )
+    # These datasets are built from the user's raw files, never fetched from tfds' GCS bucket: the bucket
+    # lookup tfds makes for every builder of an unprepared directory is skipped (with GCS disabled it found
+    # nothing and left an empty tmp*tfds directory in the system temp dir at every preparation).
+    info.initialize_from_bucket = lambda: None
+    return info
 
   def is_prepared(self) -> bool:
     """Whether the dataset is prepared, without tfds' warning that a folder not prepared yet "has no

@@ -7,6 +7,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -40,6 +41,19 @@ def test_raw_dir_is_prepared_once_then_reused(tiny_idx, tmp_path, caplog):
     records = second.builder.as_data_source(split=split).__getitems__(list(range(len(labels))))
     np.testing.assert_array_equal(np.stack([r["image"] for r in records]), images)
     np.testing.assert_array_equal([r["label"] for r in records], labels)
+
+
+def test_preparing_leaves_nothing_in_the_system_temp_dir(tiny_idx, tmp_path, monkeypatch):
+  """tfds looks a new builder's dataset up in its GCS bucket through a fresh temp dir and, finding
+  nothing, left that dir behind: one empty /tmp/tmp*tfds per preparation. Nothing is left now."""
+  raw, _ = tiny_idx
+  temp = tmp_path / "system-temp"
+  temp.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(temp))
+  result = resolve("tiny_digits", data_dir=raw, tfds_data_dir=tmp_path / "tfds")
+  assert result.prepared_now
+  assert result.read("test")[0].shape[0] == 20
+  assert sorted(p.name for p in temp.iterdir()) == []
 
 
 def test_env_data_dir_and_tfds_dir(tiny_idx, tmp_path, monkeypatch):
