@@ -636,14 +636,13 @@ class ResidentPipeline(_Pipeline):
     """Yields batches start_step .. steps_per_epoch-1 of `epoch` (identical to `batch_fn`)."""
     _check_position(epoch, start_step, self.steps_per_epoch)
     if self._jitted is None:
+      layout = None
       if isinstance(self.sharding, jax.sharding.NamedSharding):
         whole = jax.sharding.NamedSharding(self.sharding.mesh, jax.sharding.PartitionSpec())
         layout = functools.partial(jax.lax.with_sharding_constraint, shardings=whole)
-        self._jitted = jax.jit(functools.partial(self.batch_fn, index_layout=layout), out_shardings=self.sharding)
-      elif self.sharding is not None:
-        self._jitted = jax.jit(self.batch_fn, out_shardings=self.sharding)
-      else:
-        self._jitted = jax.jit(self.batch_fn)
+      batch_fn = functools.partial(self.batch_fn, index_layout=layout)
+      self._jitted = (jax.jit(batch_fn, out_shardings=self.sharding) if self.sharding is not None
+                      else jax.jit(batch_fn))
     arrays = self.device_arrays()
     for step in range(start_step, self.steps_per_epoch):
       batch = self._jitted(arrays, np.int32(epoch), np.int32(step))

@@ -164,8 +164,7 @@ def _collectives_inside_nested_loops(text: str) -> list[str]:
       if " while(" not in line:
         continue
       loop = re.search(r"%([\w.\-]+) = ", line).group(1)
-      called = [m for m in re.findall(r"(?:condition|body)=%([\w.\-]+)", line)]
-      for comp in reachable(called):
+      for comp in reachable(re.findall(r"(?:condition|body)=%([\w.\-]+)", line)):
         found += [f"{loop} <- {m.group(1)} in {comp}" for m in _COLLECTIVES.finditer(bodies[comp])]
   return found
 
@@ -200,7 +199,8 @@ def test_no_collective_runs_inside_a_loop_of_the_data_parallel_step(data, monkey
     jitted, args = programs[name]
     text = jitted.lower(*args).compile().as_text()
     assert _COLLECTIVES.search(text), name                          # it is data-parallel at all
-    assert _collectives_inside_nested_loops(text) == [], (name, _collectives_inside_nested_loops(text))
+    found = _collectives_inside_nested_loops(text)
+    assert found == [], (name, found)
 
   # The checker on a program with a cross-device reduction in a loop's condition.
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("d",))
