@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import shutil
 import sys
 import tempfile
@@ -15,9 +16,12 @@ import tempfile
 # 4 host devices for the data-parallel tests. On a loaded 2-core machine the 4 device threads of one
 # cross-device sum can be scheduled far apart; XLA's CPU collectives abort the process after 40 s by
 # default, so the tests allow 5 minutes before calling a collective stuck.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4 "
-                      "--xla_cpu_collective_call_terminate_timeout_seconds=300 "
-                      "--xla_cpu_collective_timeout_seconds=300")
+# The first process of the session (the xdist controller) records the flags in JAXCNN_TEST_XLA_FLAGS, which
+# its workers inherit: XLA_FLAGS itself is changed for child processes below.
+os.environ.setdefault("JAXCNN_TEST_XLA_FLAGS", os.environ.get(
+    "XLA_FLAGS", "--xla_force_host_platform_device_count=4 "
+    "--xla_cpu_collective_call_terminate_timeout_seconds=300 --xla_cpu_collective_timeout_seconds=300"))
+os.environ["XLA_FLAGS"] = os.environ["JAXCNN_TEST_XLA_FLAGS"]
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -50,6 +54,15 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+# The processes the tests start (experiment commands, scripts) see one CPU device, as a user's command on a
+# laptop does, unless a test asks for more: the multi-device and multi-process command tests set their own
+# XLA_FLAGS. One device compiles a fifth less than four (no SPMD partitioning, no collectives), and most
+# of the suite's time is those processes compiling. This process keeps its 4 devices: XLA reads the flags
+# once, when its CPU backend starts, which is made to happen here, before the variable changes.
+jax.devices()
+os.environ["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+",
+                                 "--xla_force_host_platform_device_count=1", os.environ["JAXCNN_TEST_XLA_FLAGS"])
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from helpers import SHARED_DATASETS  # noqa: E402
@@ -92,12 +105,21 @@ def _group_shared_work(items) -> None:
 
 
 def pytest_collection_modifyitems(config, items):
-  """Groups tests that share work (above); tests marked `slow` run only with JAXCNN_SLOW_TESTS=1 (the
-  default run stays under ~10 min)."""
+  """Groups tests that share work (above) and skips the tiers the run does not ask for.
+
+  - `extended`: a repetition of a check the default run makes (another example of the same code path, the
+    command-line twin of an in-process test, a bigger model through the same engine); run with
+    JAXCNN_EXTENDED_TESTS=1. CI runs them after the default run (.ci/run).
+  - `slow`: long checks (the full kill campaign, full-data loads, every model through every path); run
+    with JAXCNN_SLOW_TESTS=1, which runs the extended tier too.
+  """
   _group_shared_work(items)
-  if os.environ.get("JAXCNN_SLOW_TESTS") == "1":
-    return
-  skip = pytest.mark.skip(reason="slow test: set JAXCNN_SLOW_TESTS=1 to run it")
+  slow = os.environ.get("JAXCNN_SLOW_TESTS") == "1"
+  extended = slow or os.environ.get("JAXCNN_EXTENDED_TESTS") == "1"
+  skip_slow = pytest.mark.skip(reason="slow test: set JAXCNN_SLOW_TESTS=1 to run it")
+  skip_extended = pytest.mark.skip(reason="extended test: set JAXCNN_EXTENDED_TESTS=1 to run it")
   for item in items:
-    if "slow" in item.keywords:
-      item.add_marker(skip)
+    if "slow" in item.keywords and not slow:
+      item.add_marker(skip_slow)
+    elif "extended" in item.keywords and not extended:
+      item.add_marker(skip_extended)

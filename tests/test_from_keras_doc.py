@@ -57,6 +57,9 @@ def _write_vgg16_notop(path: pathlib.Path) -> dict:
   return weights
 
 
+_REAL_SLICES: dict = {}
+
+
 @pytest.fixture
 def tiny_world(tmp_path, monkeypatch):
   from PIL import Image
@@ -71,8 +74,12 @@ def tiny_world(tmp_path, monkeypatch):
       return rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, n).astype(np.int32)
     if name == "mnist":
       kwargs.setdefault("data_dir", str(SHIPPED))
-    x, y = real(name, split, **kwargs)
-    return x[:64 if split == "train" else 32], y[:64 if split == "train" else 32]
+    key = (name, split, repr(sorted(kwargs.items())))
+    if key not in _REAL_SLICES:  # a real dataset read once per process, not once per listing
+      x, y = real(name, split, **kwargs)
+      _REAL_SLICES[key] = (x[:64 if split == "train" else 32], y[:64 if split == "train" else 32])
+    x, y = _REAL_SLICES[key]
+    return x.copy(), y.copy()
 
   monkeypatch.setattr(data, "load_arrays", load_arrays)
   rng = np.random.default_rng(0)

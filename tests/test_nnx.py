@@ -113,7 +113,10 @@ def _check(name):
       assert np.any(np.asarray(after) != before)
 
 
-@pytest.mark.parametrize("name", DEFAULT_MODELS)
+# mnist_fast_cnn has everything mnist_convnet has (convolutions, max pooling, dropout) and BatchNorm: the
+# mnist_convnet case is in the extended tier.
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.extended] if n == "mnist_convnet" else [])
+                                  for n in DEFAULT_MODELS])
 def test_model_trains_through_the_nnx_bridge_as_in_linen(name):
   _check(name)
 

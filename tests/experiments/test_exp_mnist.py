@@ -169,6 +169,10 @@ def test_cli_mnist_convnet_one_epoch(tiny_digits, tmp_path):
     assert (workdir / name).is_file()
 
 
+# Extended tier: the command's exit 2 with one line and nothing written on bad or missing data files is
+# checked in the default run by test_rel_data (every fault, the missing file included), the message by
+# test_data_resolve.
+@pytest.mark.extended
 def test_cli_missing_data_exits_2_with_one_line_and_writes_nothing(tmp_path):
   empty = tmp_path / "empty"
   empty.mkdir()

@@ -21,8 +21,12 @@ def _round_trip(model):
 
 
 def _assert_same_outputs(a, b, x):
-  variables = a.init(jax.random.key(0), x)
-  np.testing.assert_array_equal(np.asarray(a.apply(variables, x)), np.asarray(b.apply(variables, x)))
+  # Compiled, not eager (eager compiles every operation of every layer once per call); one program per
+  # module, each traced from its own module.
+  variables = jax.jit(a.init)(jax.random.key(0), x)
+  out_a = jax.jit(lambda v, x: a.apply(v, x))(variables, x)
+  out_b = jax.jit(lambda v, x: b.apply(v, x))(variables, x)
+  np.testing.assert_array_equal(np.asarray(out_a), np.asarray(out_b))
 
 
 @pytest.mark.parametrize("name", [n for n in models.names() if isinstance(

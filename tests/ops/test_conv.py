@@ -94,8 +94,20 @@ def test_pairwise_grid_covers_every_pair():
   assert len(cases) < 20  # the point of the covering set: far below the 576-case cross product
 
 
-@pytest.mark.parametrize("lowering", LOWERINGS)
-@pytest.mark.parametrize("case", _CASES_2D, ids=_case_id)
+def _case_lowerings(cases, *, one_dimensional: bool):
+  """(case, lowering) params. "rows" lowers grouped and 1-D convolutions through im2col (ops/conv.py
+  `_conv_rows`; that dispatch is checked by test_lowerings_emit_the_intended_primitives), so those "rows"
+  cases repeat their "im2col" case: they are in the extended tier."""
+  params = []
+  for case in cases:
+    for lowering in LOWERINGS:
+      repeat = lowering == "rows" and (one_dimensional or case["groups"] != 1)
+      params.append(pytest.param(case, lowering, id=f"{_case_id(case)}-{lowering}",
+                                 marks=[pytest.mark.extended] if repeat else []))
+  return params
+
+
+@pytest.mark.parametrize("case, lowering", _case_lowerings(_CASES_2D, one_dimensional=False))
 def test_conv2d_matches_reference(case, lowering):
   x, w, b, groups = _make_inputs(case, 2, seed=_CASES_2D.index(case))
   result = jaxcnn.verify("conv2d", x, w, b, strides=case["strides"], padding=case["padding"],
@@ -116,8 +128,7 @@ _PAIRWISE_1D = _pairwise({
 })
 
 
-@pytest.mark.parametrize("lowering", LOWERINGS)
-@pytest.mark.parametrize("case", _PAIRWISE_1D, ids=_case_id)
+@pytest.mark.parametrize("case, lowering", _case_lowerings(_PAIRWISE_1D, one_dimensional=True))
 def test_conv1d_matches_reference(case, lowering):
   x, w, b, groups = _make_inputs(case, 1, seed=_PAIRWISE_1D.index(case))
   jaxcnn.verify("conv1d", x, w, b, strides=case["strides"], padding=case["padding"],

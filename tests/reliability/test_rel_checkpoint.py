@@ -10,6 +10,7 @@ config is refused with the shapes listed, also through the experiment command (e
 """
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
 import shutil
@@ -29,8 +30,10 @@ from jaxcnn import train  # noqa: E402
 from jaxcnn.errors import CheckpointError  # noqa: E402
 
 
+@functools.lru_cache(maxsize=None)
 def _state(step: int, filters: int = 4, optimizer: str = "adam"):
-  """A train state whose every value depends on `step` (params drawn from seed=step)."""
+  """A train state whose every value depends on `step` (params drawn from seed=step). Cached: each is
+  built once per process (its arrays are immutable, and saving or restoring into it changes nothing)."""
   state = train.create_train_state(make_model(filters=filters), (8, 8, 1), dict(seed=step, optimizer=optimizer))
   return state.replace(step=jnp.full((), step, jnp.int32), epoch=jnp.full((), step // 4, jnp.int32))
 

@@ -71,6 +71,9 @@ def test_fit_learns_writes_files_and_compiles_once(straight):
   assert sorted(int(p.stem) for p in (workdir / "checkpoint_digests").glob("*.json")) == steps
 
 
+# Extended tier: resuming at an epoch end is also checked bitwise in the default run (test_rel_sigterm's
+# Ctrl-C stop at step 4, and every write site of test_rel_storage, resume there).
+@pytest.mark.extended
 def test_resume_at_epoch_boundary_is_bitwise(straight, data, tmp_path):
   workdir = tmp_path / "run"
   first = train.fit(make_model(), data[0], config={**CONFIG, "epochs": 1}, workdir=workdir, val_data=data[1])
@@ -114,6 +117,10 @@ def _wait_for_digest(workdir: pathlib.Path, proc, min_step: int, timeout: float 
   pytest.fail("worker wrote no checkpoint in time")
 
 
+# Extended tier: the default run kills and resumes bitwise in test_rel_kill (also mid checkpoint write),
+# and stops on a signal and resumes bitwise in test_rel_sigterm (SIGINT in fit, SIGTERM through the
+# command; both are Preempted, through the same stop path).
+@pytest.mark.extended
 @pytest.mark.parametrize("how", ["sigkill", "sigterm"])
 def test_resume_after_kill_or_preemption_is_bitwise(straight, data, tmp_path, how):
   workdir = tmp_path / "run"

@@ -113,7 +113,8 @@ def test_a_pipeline_brings_its_own_preprocessing_and_config_keys_may_not_contrad
   assert result.preprocessing == train_data.preprocessing
 
 
-@pytest.mark.parametrize("parallel", ["none", "jit", "pmap"])
+# "none" is the "jit" strategy and feed on a one-device mesh: it is in the extended tier.
+@pytest.mark.parametrize("parallel", [pytest.param("none", marks=pytest.mark.extended), "jit", "pmap"])
 def test_host_fed_chunks_equal_device_resident_chunks(parallel):
   """The same chunk program fed from the host (prefetched chunks) or gathered on device: the same run."""
   train_data, val_data = make_data()
