@@ -89,7 +89,7 @@ def pytest_unconfigure(config):
 _SHARED_WORK_GROUPS = {
     "test_registry.py": "name", "test_transforms.py": "name",
     "test_fit.py": None, "test_trained_model.py": None, "test_rel_storage.py": None,
-    "test_rel_checkpoint.py": None, "test_rel_kill.py": None,
+    "test_rel_checkpoint.py": None, "test_rel_kill.py": None, "test_exp_transfer.py": None,
 }
 
 

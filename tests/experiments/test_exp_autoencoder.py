@@ -15,6 +15,26 @@ from experiments import autoencoder
 from jaxcnn.errors import ConfigError
 
 
+@pytest.fixture(autouse=True)
+def _mnist_read_once(monkeypatch):
+  """Each MNIST split is read once per process, not at every call of the recipe's loader (the in-process
+  tests call it four times); a failed read is not kept."""
+  from jaxcnn import data
+  real = data.load_arrays
+
+  def load_arrays(name, split, **kwargs):
+    key = (name, split, repr(sorted(kwargs.items())))
+    if key not in _READS:
+      _READS[key] = real(name, split, **kwargs)
+    images, labels = _READS[key]
+    return images.copy(), labels.copy()
+
+  monkeypatch.setattr(data, "load_arrays", load_arrays)
+
+
+_READS: dict = {}
+
+
 def _tiny_config(**data):
   config = autoencoder.get_config()
   config.data.update({**dict(train_examples=64, test_examples=16), **data})

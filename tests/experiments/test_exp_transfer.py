@@ -13,6 +13,24 @@ from jaxcnn import models
 from jaxcnn.errors import ConfigError, DataError
 
 
+@pytest.fixture(autouse=True)
+def _datasets_read_once(monkeypatch):
+  """Each dataset is read (tens of thousands of records) once per process, not once per run of main; a
+  failed read is not kept, so it fails again."""
+  real = transfer._read
+
+  def read(name, data_dir, download, hint):
+    key = (name, str(data_dir), bool(download))
+    if key not in _READS:
+      _READS[key] = real(name, data_dir, download, hint)
+    return _READS[key]
+
+  monkeypatch.setattr(transfer, "_read", read)
+
+
+_READS: dict = {}
+
+
 def _tiny_config(**overrides):
   config = transfer.get_config()
   config.data.update(dict(pretrain_examples=64, small_examples=32, large_examples=48, test_examples=32))
@@ -86,9 +104,11 @@ def test_freeze_patterns_and_transplant():
   with pytest.raises(ValueError, match=r"trained: expected 'head', 'late' or 'all', got 'some'"):
     transfer.freeze_patterns(params, "some", "dense", ())
 
-  def init(classes, seed):  # one program each, not one per operation
+  def init(classes, seed):  # the model's parameter shapes, filled with random numbers (nothing compiled)
     model = models.get("mnist_convnet", num_classes=classes)
-    return jax.jit(lambda: model.init(jax.random.key(seed), jnp.zeros((1, 28, 28, 1))))()["params"]
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda a: rng.standard_normal(a.shape).astype(a.dtype), shapes)
 
   source, target = init(5, 1), init(10, 2)
   merged = transfer.transplant(source, target, "dense")

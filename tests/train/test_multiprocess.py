@@ -58,6 +58,9 @@ def _finish(procs, timeout):
   return results
 
 
+# Extended tier: test_exp_multiprocess runs the same through the experiment command (two processes equal
+# one process on as many devices, bitwise; process 0 alone reports and writes the run's files).
+@pytest.mark.extended
 def test_two_processes_equal_one_process(tmp_path):
   train_data, val_data = make_data()
   procs = _start_pair(tmp_path, "--workdir", str(tmp_path / "run"), "--epochs", "2")
