@@ -1,5 +1,6 @@
-"""Test setup: 4 host CPU devices, strict JAX rank promotion and one persistent compilation cache for
-the session, before any test imports jax.
+"""Test setup: 4 host CPU devices (1 for the processes the tests start, unless a test asks for more),
+strict JAX rank promotion, one persistent compilation cache for the session, and the test tiers (default,
+extended, slow), before any test imports jax.
 
 XLA_FLAGS and JAX's cache variables must be set before jax is imported, so it is done here, at
 collection time.
