@@ -1,10 +1,11 @@
-"""Helpers shared by the tests: dtype tolerances, data location, oracle imports.
+"""Helpers shared by the tests: dtype tolerances, data location, oracle imports, dataset reads once.
 
 Import as `from helpers import assert_close` (tests/ is on sys.path through conftest.py). Test file
 basenames must be unique across tests/ subfolders (they are imported as top-level modules).
 """
 from __future__ import annotations
 
+import functools
 import pathlib
 
 import jax.numpy as jnp
@@ -48,3 +49,19 @@ def import_torch():
 def import_tensorflow():
   """tensorflow, or a skip with the reason (tensorflow-cpu is in the `test` extra)."""
   return pytest.importorskip("tensorflow", reason="TensorFlow oracle not installed (pip install -e '.[test]')")
+
+
+_READS: dict = {}
+
+
+def read_once(read):
+  """`read` (a dataset reader) answering each distinct call once per process: a real dataset is tens of
+  thousands of records, and the recipes' tests read the same ones in every run of a recipe. A failed
+  read is not kept, so it fails again. The results are shared: callers must not write into them."""
+  @functools.wraps(read)
+  def cached(*args, **kwargs):
+    key = (read.__module__, read.__qualname__, repr(args), repr(sorted(kwargs.items())))
+    if key not in _READS:
+      _READS[key] = read(*args, **kwargs)
+    return _READS[key]
+  return cached

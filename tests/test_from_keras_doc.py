@@ -13,6 +13,8 @@ import re
 import numpy as np
 import pytest
 
+from helpers import read_once
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOC = REPO_ROOT / "docs" / "from_keras.md"
 SHIPPED = REPO_ROOT / "experiments" / "data"
@@ -57,15 +59,12 @@ def _write_vgg16_notop(path: pathlib.Path) -> dict:
   return weights
 
 
-_REAL_SLICES: dict = {}
-
-
 @pytest.fixture
 def tiny_world(tmp_path, monkeypatch):
   from PIL import Image
 
   from jaxcnn import data
-  real = data.load_arrays
+  real = read_once(data.load_arrays)  # a real dataset is read once per process, not once per listing
 
   def load_arrays(name, split, **kwargs):
     if name == "cifar10":
@@ -74,12 +73,8 @@ def tiny_world(tmp_path, monkeypatch):
       return rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, n).astype(np.int32)
     if name == "mnist":
       kwargs.setdefault("data_dir", str(SHIPPED))
-    key = (name, split, repr(sorted(kwargs.items())))
-    if key not in _REAL_SLICES:  # a real dataset read once per process, not once per listing
-      x, y = real(name, split, **kwargs)
-      _REAL_SLICES[key] = (x[:64 if split == "train" else 32], y[:64 if split == "train" else 32])
-    x, y = _REAL_SLICES[key]
-    return x.copy(), y.copy()
+    x, y = real(name, split, **kwargs)
+    return x[:64 if split == "train" else 32].copy(), y[:64 if split == "train" else 32].copy()
 
   monkeypatch.setattr(data, "load_arrays", load_arrays)
   rng = np.random.default_rng(0)

@@ -14,25 +14,14 @@ import pytest
 from experiments import autoencoder
 from jaxcnn.errors import ConfigError
 
+from helpers import read_once
+
 
 @pytest.fixture(autouse=True)
 def _mnist_read_once(monkeypatch):
-  """Each MNIST split is read once per process, not at every call of the recipe's loader (the in-process
-  tests call it four times); a failed read is not kept."""
+  """The in-process tests call the recipe's MNIST loader four times; each split is read once."""
   from jaxcnn import data
-  real = data.load_arrays
-
-  def load_arrays(name, split, **kwargs):
-    key = (name, split, repr(sorted(kwargs.items())))
-    if key not in _READS:
-      _READS[key] = real(name, split, **kwargs)
-    images, labels = _READS[key]
-    return images.copy(), labels.copy()
-
-  monkeypatch.setattr(data, "load_arrays", load_arrays)
-
-
-_READS: dict = {}
+  monkeypatch.setattr(data, "load_arrays", read_once(data.load_arrays))
 
 
 def _tiny_config(**data):

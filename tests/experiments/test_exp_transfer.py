@@ -12,23 +12,12 @@ from experiments import transfer
 from jaxcnn import models
 from jaxcnn.errors import ConfigError, DataError
 
+from helpers import read_once
+
 
 @pytest.fixture(autouse=True)
 def _datasets_read_once(monkeypatch):
-  """Each dataset is read (tens of thousands of records) once per process, not once per run of main; a
-  failed read is not kept, so it fails again."""
-  real = transfer._read
-
-  def read(name, data_dir, download, hint):
-    key = (name, str(data_dir), bool(download))
-    if key not in _READS:
-      _READS[key] = real(name, data_dir, download, hint)
-    return _READS[key]
-
-  monkeypatch.setattr(transfer, "_read", read)
-
-
-_READS: dict = {}
+  monkeypatch.setattr(transfer, "_read", read_once(transfer._read))
 
 
 def _tiny_config(**overrides):
