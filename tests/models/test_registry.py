@@ -45,6 +45,11 @@ def _leaf_flags(tree) -> dict:
   return {jax.tree_util.keystr(path): bool(flag) for path, flag in jax.tree_util.tree_leaves_with_path(tree)}
 
 
+def _model(name):
+  """The registered model with its default arguments (NUM_CLASSES outputs for a classifier)."""
+  return models.get(name) if models.spec(name).task == "reconstruction" else models.get(name, num_classes=NUM_CLASSES)
+
+
 @functools.lru_cache(maxsize=None)
 def _run(name):
   """Initialises `name` and runs every check's computation in one compiled program, once per model.
@@ -54,7 +59,7 @@ def _run(name):
   (gradient finite, parameter changed, batch statistic changed, new parameter finite).
   """
   model_spec = models.spec(name)
-  model = models.get(name) if model_spec.task == "reconstruction" else models.get(name, num_classes=NUM_CLASSES)
+  model = _model(name)
   x = jax.random.uniform(jax.random.key(1), (BATCH, *model_spec.input_shape), jnp.float32)
   labels = jnp.arange(BATCH, dtype=jnp.int32) % NUM_CLASSES
   optimizer = optax.sgd(0.1)
@@ -137,10 +142,8 @@ def test_summary_total_matches_variables(name):
 def test_models_with_batch_norm_take_bn_kwargs():
   # Abstract: this test is not in any model's xdist group, so `_run` here would compile every model again.
   for name in models.names():
-    model_spec = models.spec(name)
-    default = models.get(name) if model_spec.task == "reconstruction" else models.get(name, num_classes=NUM_CLASSES)
-    shapes = jax.eval_shape(default.init, jax.random.key(0),
-                            jax.ShapeDtypeStruct((BATCH, *model_spec.input_shape), jnp.float32))
+    shapes = jax.eval_shape(_model(name).init, jax.random.key(0),
+                            jax.ShapeDtypeStruct((BATCH, *models.spec(name).input_shape), jnp.float32))
     if "batch_stats" not in shapes:
       continue
     model = models.get(name, num_classes=NUM_CLASSES, bn_momentum=0.5, axis_name="batch")
