@@ -58,6 +58,14 @@ def reference(tmp_path_factory):
   return saved_leaves(result.state), result.history
 
 
+@pytest.fixture(scope="module")
+def first_epoch(tmp_path_factory):
+  """A workdir after the 2-epoch run's first epoch (step 4 committed); each write-site test continues a copy."""
+  workdir = tmp_path_factory.mktemp("first_epoch") / "run"
+  train.fit(make_model(), make_data()[0], config={**CONFIG, "epochs": 1}, workdir=workdir)
+  return workdir
+
+
 # Each write site of a run, failing during its second epoch (steps 5-8; step 4 was committed by the first).
 SITES = {
     "checkpoint": lambda w: lambda p: p == w / "checkpoints" / "6",
@@ -70,10 +78,10 @@ SITES = {
 
 @pytest.mark.parametrize("site", sorted(SITES))
 def test_full_disk_at_each_write_site_is_one_line_keeps_the_committed_checkpoint_and_resumes_bitwise(
-    tmp_path, reference, site):
+    tmp_path, reference, first_epoch, site):
   workdir = tmp_path / "run"
   data = make_data()[0]
-  train.fit(make_model(), data, config={**CONFIG, "epochs": 1}, workdir=workdir)
+  shutil.copytree(first_epoch, workdir, symlinks=True)
   committed = {p: h for p, h in snapshot(workdir).items() if p.startswith(("checkpoints/4/", "checkpoint_digests/4"))}
   assert committed
   finished = {name: (workdir / name).read_bytes() for name in ("history.json", "metrics.csv")}
