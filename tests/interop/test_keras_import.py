@@ -17,6 +17,7 @@ import pytest
 
 from helpers import assert_close, import_tensorflow
 from jaxcnn import models
+from jaxcnn._compile import run_once
 from jaxcnn.errors import DataError
 from jaxcnn.interop import load_keras_weights, read_keras_weights
 from jaxcnn.layers import Activation, BatchNorm, Conv2D, Dense, Flatten, MaxPool2D, Sequential
@@ -339,7 +340,8 @@ def test_vgg16_reproduces_keras_applications(tmp_path):
   headless_path = tmp_path / "vgg16_notop.weights.h5"
   headless.save_weights(headless_path)
   backbone = models.get("vgg16", include_top=False)
-  features = jax.jit(backbone.apply)(load_keras_weights(headless_path, jax.eval_shape(
+  apply_backbone = jax.jit(backbone.apply)  # one compile for both backbone checks below
+  features = apply_backbone(load_keras_weights(headless_path, jax.eval_shape(
       backbone.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))), jnp.asarray(x))
   _check_predictions(features, np.asarray(headless(x, training=False)))
   with pytest.raises(DataError, match=r"missing from the file: fc1, fc2, predictions$"):
@@ -348,10 +350,10 @@ def test_vgg16_reproduces_keras_applications(tmp_path):
   # Transfer learning: the backbone under a new head in a Sequential. Its layers are
   # "vgg16/block1_conv1", ... and take the file's "block1_conv1", ... by the end of their paths.
   transfer = Sequential([backbone, Flatten(), Dense(2)])
-  initial = jax.jit(transfer.init)(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+  initial = run_once(transfer.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))  # runs once: cheap compile
   moved = load_keras_weights(headless_path, initial, strict=False)
   assert sorted(moved["params"]) == ["dense", "vgg16"]
-  _check_predictions(jax.jit(backbone.apply)({"params": moved["params"]["vgg16"]}, jnp.asarray(x)),
+  _check_predictions(apply_backbone({"params": moved["params"]["vgg16"]}, jnp.asarray(x)),
                      np.asarray(headless(x, training=False)))
   np.testing.assert_array_equal(moved["params"]["dense"]["kernel"], initial["params"]["dense"]["kernel"])
 
