@@ -181,10 +181,11 @@ def _job(workdirs, order=(0, 1), delay: float = 0.0) -> list[Holder]:
   """A 2-process job of lock holders (process i on workdirs[i]), started in `order`, `delay` s apart."""
   port = _free_port()
   holders = {}
-  for index in order:
+  for position, index in enumerate(order):
+    if position:
+      time.sleep(delay)
     env = clean_env(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(index))
     holders[index] = Holder(workdirs[index], env=env)
-    time.sleep(delay)
   return [holders[0], holders[1]]
 
 
