@@ -197,7 +197,9 @@ print("tensorflow imported:", "tensorflow" in sys.modules)
 """
 
 
-@pytest.mark.parametrize("name", ["mnist", "fashion_mnist"])
+# Fashion-MNIST goes through the same IDX loader and builder as MNIST (its files are read in full by
+# test_exp_transfer's different-domain case in the default run): a repetition, in the extended tier.
+@pytest.mark.parametrize("name", ["mnist", pytest.param("fashion_mnist", marks=pytest.mark.extended)])
 def test_real_dataset_loads_fully_without_tensorflow(shared_datasets, tmp_path, name):
   env = dict(os.environ, JAXCNN_DATA_DIR=str(shared_datasets), JAXCNN_TFDS_DIR="", JAX_PLATFORMS="cpu")
   result = subprocess.run([sys.executable, "-c", _FULL_LOAD, str(tmp_path / "tfds"), name], env=env,
