@@ -6,6 +6,9 @@ instead. Features are `tfds.features.Tensor`s and the file format is array_recor
 reading need no TensorFlow. One builder config per (dataset, raw content digest): a changed raw
 directory gets a new config, hence a fresh preparation, rather than silently reusing stale data. tfds
 writes into a temporary directory and renames it when done, so a half-prepared dataset is never taken as
+prepared. Several processes resolving the same raw directory at once (two runs started together on a
+fresh machine, the workers of a test session) prepare it once: the first takes an exclusive lock on
+`<config dir>.lock` beside the dataset (`preparing_lock`), the others wait for it and then find it
 prepared. Preparing local files downloads nothing, so tfds' "Downloading and preparing dataset" lines
 are left out (the data layer logs one line saying what it prepares from where), and tfds' progress bars
 are shown only on a terminal (`progress_bars`).
@@ -15,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import errno
+import fcntl
 import io
 import logging
 import os
@@ -29,6 +34,9 @@ from jaxcnn.data import idx, specs
 
 SPLITS = ("train", "test")
 _DIGEST_CHARS = 16
+# flock's errors where a filesystem cannot lock at all (as opposed to a lock held by another process).
+_NO_LOCKING = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
+logger = logging.getLogger("jaxcnn.data")
 
 
 @dataclasses.dataclass(eq=False)
@@ -184,6 +192,36 @@ def make_builder(config: RawConfig, data_dir) -> JaxcnnRaw:
     return JaxcnnRaw(config=config, data_dir=None if data_dir is None else str(data_dir))
   finally:
     _OWN_WORK.reset(token)
+
+
+@contextlib.contextmanager
+def preparing_lock(builder: JaxcnnRaw):
+  """Holds an exclusive flock on `<config dir>.lock` (the dataset's config folder, plus `.lock`).
+
+  Waits while another process holds it (it is preparing the same content), saying so once. The lock dies
+  with its process, so a killed preparation never blocks the next; tfds' temporary directory keeps its
+  half-written output from being taken as prepared. On a filesystem that cannot lock, a warning says the
+  preparation is unprotected and it goes ahead.
+  """
+  config_dir = pathlib.Path(str(builder.data_dir)).parent
+  path = config_dir.with_name(config_dir.name + ".lock")
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      logger.info("%s: another process is preparing this dataset; waiting for it (lock file %s)",
+                  builder.builder_config.dataset, path)
+      fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError as err:
+      if err.errno not in _NO_LOCKING:
+        raise
+      logger.warning("%s: this filesystem cannot lock files (%s); preparing without protection against "
+                     "another process preparing the same dataset at once", path, os.strerror(err.errno))
+    yield
+  finally:
+    os.close(fd)  # releases the lock
 
 
 def prepare(builder: JaxcnnRaw) -> bool:

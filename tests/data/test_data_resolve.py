@@ -8,6 +8,8 @@ import pathlib
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -97,6 +99,70 @@ def test_a_half_prepared_dataset_is_not_taken_as_prepared(tiny_idx, tmp_path, mo
   resolved = resolve("tiny_digits", data_dir=raw, tfds_data_dir=tfds_dir)
   assert resolved.prepared_now
   np.testing.assert_array_equal(resolved.read("test")[1], splits["test"][1])
+
+
+def test_a_second_resolve_waits_for_one_preparing_the_same_dataset(tiny_idx, tmp_path, monkeypatch, caplog):
+  # The first resolve is held inside its preparation (its lock taken, tfds writing); a second resolve of
+  # the same content waits for it instead of preparing into the same directory, then reads what it wrote.
+  raw, splits = tiny_idx
+  tfds_dir = tmp_path / "tfds"
+  original = builder.JaxcnnRaw._generate_examples
+  release = threading.Event()
+
+  def held(self, split):
+    assert release.wait(120), "the test never released the first preparation"
+    yield from original(self, split)
+
+  monkeypatch.setattr(builder.JaxcnnRaw, "_generate_examples", held)
+  results = {}
+
+  def run(key):
+    results[key] = resolve("tiny_digits", data_dir=raw, tfds_data_dir=tfds_dir, download=False)
+
+  with caplog.at_level(logging.INFO, logger="jaxcnn.data"):
+    first = threading.Thread(target=run, args=("first",))
+    first.start()
+    deadline = time.monotonic() + 120
+    while ": preparing from" not in caplog.text and time.monotonic() < deadline:
+      time.sleep(0.05)
+    second = threading.Thread(target=run, args=("second",))
+    second.start()
+    while "another process is preparing this dataset; waiting" not in caplog.text and time.monotonic() < deadline:
+      time.sleep(0.05)
+    waited = "another process is preparing this dataset; waiting" in caplog.text
+    release.set()
+    first.join(120)
+    second.join(120)
+  assert waited, caplog.text
+  assert results["first"].prepared_now and not results["second"].prepared_now
+  assert str(results["second"].builder.data_dir) == str(results["first"].builder.data_dir)
+  assert caplog.text.count(": preparing from") == 1
+  for split in ("train", "test"):
+    images, labels = results["second"].read(split)
+    np.testing.assert_array_equal(images[..., 0], splits[split][0])
+    np.testing.assert_array_equal(labels, splits[split][1])
+
+
+_PREPARE_ONCE = """
+import sys
+from jaxcnn.data import resolve
+resolved = resolve(sys.argv[1], data_dir=sys.argv[2], tfds_data_dir=sys.argv[3], download=False)
+print(resolved.prepared_now, len(resolved.read("train")[1]))
+"""
+
+
+def test_processes_started_together_prepare_one_dataset_once(tiny_idx, tmp_path):
+  # Two commands on a fresh machine (or two test workers) resolving the same files at the same moment.
+  raw, _ = tiny_idx
+  tfds_dir = tmp_path / "tfds"
+  env = dict(os.environ, JAXCNN_DATA_DIR="", JAXCNN_TFDS_DIR="", JAX_PLATFORMS="cpu")
+  procs = [subprocess.Popen([sys.executable, "-c", _PREPARE_ONCE, "tiny_digits", str(raw), str(tfds_dir)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+  outputs = [proc.communicate(timeout=300) for proc in procs]
+  assert [proc.returncode for proc in procs] == [0, 0, 0], [err[-3000:] for _, err in outputs]
+  assert sorted(out for out, _ in outputs) == ["False 60\n", "False 60\n", "True 60\n"], outputs
+  assert len(list(tfds_dir.rglob("dataset_info.json"))) == 1
+  assert not [p for p in tfds_dir.rglob("*") if "incomplete" in p.name]
 
 
 def test_system_location_is_used_when_no_raw_dir_is_given(tmp_path, monkeypatch):
