@@ -5,7 +5,8 @@ Generated from one table, `jaxcnn._verify.OPS` (a row per op: a tiny example cal
 special under shard_map); each cell is `jaxcnn.verify(op, *args, transforms=...)`'s comparison under one
 transform, so the test suite checks exactly what users can check. All transforms of one (op, lowering)
 are traced into one program (plus one for shard_map and the exported call), so a row costs a few
-compilations; the other examples of each row (`OpSpec.variants`) run in the slow run.
+compilations; the other examples of each row (`OpSpec.variants`) run in the slow run, and the cells of
+the "xla" and "auto" convolution lowerings in the extended tier (see `_EXTENDED_LOWERINGS`).
 
 Also here: forward mode through registered models (jvp and linearize against the XLA convolution and
 against reverse mode), and the XLA lowering's per-example gradient under a batch-sharded jit.
@@ -27,10 +28,21 @@ from jaxcnn._verify import OPS, TRANSFORMS, op_spec
 from helpers import assert_close
 
 _CELLS = [(spec.name, lowering) for spec in OPS for lowering in spec.lowerings]
+# The convolution lowerings whose cells are in the extended tier: "xla" is lax's own convolution under
+# JAX's own transforms (the jaxcnn code around it, padding, dilation and groups, is checked forward and
+# backward against the twin in tests/ops), and "auto" dispatches, per shape, to one of the explicit
+# lowerings, whose cells the default run checks (`test_auto_cells_repeat_an_explicit_lowering`).
+_EXTENDED_LOWERINGS = ("xla", "auto")
 
 
 def _cell_id(name, lowering):
   return name if lowering is None else f"{name}-{lowering}"
+
+
+def _cell_params():
+  return [pytest.param(name, lowering, id=_cell_id(name, lowering),
+                       marks=[pytest.mark.extended] if lowering in _EXTENDED_LOWERINGS else [])
+          for name, lowering in _CELLS]
 
 
 def _as_jax(value):
@@ -72,8 +84,31 @@ def test_every_public_op_has_a_row():
     assert np.shape(args[0])[0] == 2, f"{spec.name}: the example's batch is 2"
 
 
+def test_auto_cells_repeat_an_explicit_lowering():
+  # Each convolution row's example traces under "auto" to exactly the program (jaxpr) of a lowering the
+  # row checks explicitly in the default run, with and without reverse mode: the "auto" cell (extended
+  # tier) repeats a default-run cell.
+  for spec in OPS:
+    if "auto" not in spec.lowerings:
+      continue
+    args, kwargs = spec.example()
+    args = tuple(map(_as_jax, args))
+    kwargs = {k: _as_jax(v) for k, v in kwargs.items()}
+    op = getattr(ops, spec.name)
+
+    def traced(lowering):
+      with ops.conv_lowering(lowering):
+        forward = jax.make_jaxpr(lambda *a: op(*a, **kwargs))(*args)
+        backward = jax.make_jaxpr(jax.grad(lambda *a: jnp.sum(op(*a, **kwargs) ** 2)))(*args)
+      return str(forward), str(backward)
+
+    auto = traced("auto")
+    repeated = [low for low in spec.lowerings if low not in _EXTENDED_LOWERINGS and traced(low) == auto]
+    assert repeated, f"{spec.name}: its example under 'auto' traces to no explicitly checked lowering's program"
+
+
 @pytest.mark.parametrize("transform", TRANSFORMS)
-@pytest.mark.parametrize("name, lowering", _CELLS, ids=[_cell_id(*c) for c in _CELLS])
+@pytest.mark.parametrize("name, lowering", _cell_params())
 def test_op_under_transform_matches_reference(name, lowering, transform):
   spec = op_spec(name)
   if transform in spec.not_applicable:

@@ -27,6 +27,14 @@ NUM_CLASSES = 10
 _FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
+# Registered models whose checks here repeat another model's code path, in the extended tier:
+# cifar10_cnn_same is cifar10_cnn's builder with its second convolution padded (that padding is checked by
+# test_architectures), and vgg16's layers are the small models' (its forward equals Keras Applications'
+# and its transfer head trains in the default run: test_keras_import, test_from_keras_doc).
+_REPEATS = {"cifar10_cnn_same", "vgg16"}
+_NAMES = [pytest.param(name, marks=[pytest.mark.extended] if name in _REPEATS else []) for name in models.names()]
+
+
 def _count_shapes(tree) -> int:
   """Total elements of a pytree whose leaves are shape tuples."""
   shapes = jax.tree_util.tree_leaves(tree, is_leaf=lambda node: isinstance(node, tuple))
@@ -92,7 +100,7 @@ def _run(name):
   return dict(model=model, spec=model_spec, x=x, shapes=shapes, **out)
 
 
-@pytest.mark.parametrize("name", models.names())
+@pytest.mark.parametrize("name", _NAMES)
 def test_forward_shape_and_finite(name):
   result = _run(name)
   y = result["eval_plain"]
@@ -105,13 +113,13 @@ def test_forward_shape_and_finite(name):
     assert not np.allclose(y.sum(axis=-1), 1.0, atol=1e-3)
 
 
-@pytest.mark.parametrize("name", models.names())
+@pytest.mark.parametrize("name", _NAMES)
 def test_eval_forward_ignores_dropout_rng(name):
   result = _run(name)
   np.testing.assert_array_equal(result["eval_plain"], result["eval_with_rng"])
 
 
-@pytest.mark.parametrize("name", models.names())
+@pytest.mark.parametrize("name", _NAMES)
 def test_one_sgd_step_changes_params_and_batch_stats(name):
   result = _run(name)
   assert np.isfinite(result["loss"])
@@ -128,7 +136,7 @@ def test_one_sgd_step_changes_params_and_batch_stats(name):
   assert not still, f"batch statistics not updated in training: {still}"
 
 
-@pytest.mark.parametrize("name", models.names())
+@pytest.mark.parametrize("name", _NAMES)
 def test_summary_total_matches_variables(name):
   result = _run(name)
   shapes = result["shapes"]
