@@ -47,7 +47,7 @@ from jaxcnn.train import callbacks as callbacks_lib
 from jaxcnn.train.checkpoint import Checkpointer
 from jaxcnn.train.config import augment_config, augments, best_mode, validate_config
 from jaxcnn.train.feed import ResidentFeed, choose_feed, make_feed
-from jaxcnn.train.losses import get_loss, has_accuracy, resolve_from_logits
+from jaxcnn.train.losses import check_output_size, get_loss, has_accuracy, resolve_from_logits
 from jaxcnn.train.model import TrainedModel
 from jaxcnn.train.optim import logged_learning_rate, make_optimizer, make_schedule
 from jaxcnn.train.parallel import Strategy, device_count, fetch, make_strategy, maybe_initialize_distributed
@@ -261,6 +261,9 @@ def _check_model_and_targets(model, state, batch, pipeline, config) -> None:
   target = batch[config.target]
   what = f"train_data: targets {tuple(target.shape[1:])} {target.dtype} do not fit loss={config.loss!r} " \
          f"for model outputs {tuple(getattr(outputs, 'shape', ())[1:])}"
+  shape = getattr(outputs, "shape", None)
+  if shape:
+    check_output_size(model, config.loss, shape[-1])
   # A loss that does not fit the model's last activation is the loss's fault, not the targets': its own
   # message (a softmax applied twice, probabilities read as logits).
   from_logits = resolve_from_logits(model, config.loss, config.from_logits)

@@ -384,6 +384,30 @@ def output_activation(model) -> str | None:
   return found if found in ("softmax", "sigmoid") else None
 
 
+def check_output_size(model, loss: str, outputs: int) -> None:
+  """Refuses a model whose outputs cannot learn: a softmax over one output per example.
+
+  softmax of a single value is 1.0 whatever the value, so a model ending in Dense(1, activation="softmax")
+  (Keras accepts it; its accuracy stays at the majority class) or a softmax cross-entropy over one logit
+  has a constant loss and zero gradients: training would run and learn nothing.
+
+  Raises:
+    ConfigError: naming the layer or the loss, and the two-class alternatives.
+  """
+  if outputs != 1:
+    return
+  found, where = _final_activation(model)
+  two_classes = ("for two classes end in Dense(1, activation='sigmoid') with loss='binary_crossentropy' "
+                 "(or Dense(1) with loss='sigmoid_binary_cross_entropy'), or in 2 outputs with a softmax loss")
+  if found == "softmax":
+    raise ConfigError(f"the model ends in a softmax over 1 output (layer {where!r}): the softmax of one value is "
+                      f"always 1.0, so nothing can be learned; {two_classes}")
+  if loss in _CATEGORICAL:
+    raise ConfigError(f"loss={loss!r} takes a softmax over the model's outputs, but the model has 1 output per "
+                      f"example: the softmax of one value is always 1.0, so the loss is constant and nothing "
+                      f"can be learned; {two_classes}")
+
+
 def resolve_from_logits(model, loss: str, from_logits: Optional[bool] = None) -> Optional[bool]:
   """Whether `model`'s outputs go to `loss` as logits, checked against the model's final activation.
 

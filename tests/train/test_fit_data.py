@@ -76,6 +76,38 @@ def test_targets_that_do_not_fit_the_loss_are_refused_before_compiling(targets, 
   assert "train_chunk" not in train.TRACE_COUNTS
 
 
+@pytest.mark.parametrize("head, loss, message", [
+    # The course's two-class slip: Keras trains it and its accuracy stays at the majority class.
+    (L.Dense(1, activation="softmax"), "binary_crossentropy", r"the model ends in a softmax over 1 output "
+                                                              r"\(layer 'dense'\): the softmax of one value is always 1.0"),
+    (L.Dense(1, activation="softmax"), "sparse_categorical_crossentropy", r"ends in a softmax over 1 output"),
+    (L.Dense(1), "softmax_cross_entropy", r"loss='softmax_cross_entropy' takes a softmax over the model's outputs, "
+                                          r"but the model has 1 output per example"),
+    (L.Dense(1), "sparse_categorical_crossentropy", r"the model has 1 output per example"),
+])
+def test_a_softmax_over_one_output_is_refused_before_compiling(head, loss, message):
+  images, labels = make_arrays(40)
+  labels = (np.asarray(labels) % 2).astype(np.float32 if loss == "binary_crossentropy" else np.int32)
+  if loss == "binary_crossentropy":
+    labels = labels[:, None]
+  train.TRACE_COUNTS.clear()
+  model = L.Sequential([L.Flatten(), head])
+  with pytest.raises(ConfigError, match=message) as caught:
+    train.fit(model, (images, labels), config=dict(batch_size=8, loss=loss, **QUIET))
+  assert "end in Dense(1, activation='sigmoid') with loss='binary_crossentropy'" in str(caught.value)  # the fix
+  assert "train_chunk" not in train.TRACE_COUNTS
+
+
+def test_one_sigmoid_output_and_two_softmax_outputs_train():
+  # The two-class models the refusal above names train as usual.
+  images, labels = make_arrays(40)
+  labels = np.asarray(labels) % 2
+  for head, loss, targets in ((L.Dense(1, activation="sigmoid"), "binary_crossentropy", labels[:, None].astype(np.float32)),
+                              (L.Dense(2, activation="softmax"), "sparse_categorical_crossentropy", labels)):
+    result = train.fit(L.Sequential([L.Flatten(), head]), (images, targets), config=dict(batch_size=8, loss=loss, **QUIET))
+    assert np.isfinite(result.history["loss"]).all() and result.history["epoch"] == [1]
+
+
 def test_inputs_the_model_cannot_take_and_augmentation_that_cannot_apply():
   waves, labels = _waves(16)
   with pytest.raises(ConfigError, match=r"model: cannot take train_data inputs \(16, 1\)"):
