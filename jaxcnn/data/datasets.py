@@ -129,14 +129,15 @@ def _prepare_raw(spec: _specs.DatasetSpec, raw_dir: pathlib.Path, files, tfds_di
   # The config is named by content digest: a prepared dataset of identical content needs no re-validation.
   if builder.is_prepared():
     return builder, False
+  # Reads both splits fully, raising the DataError that names a bad file before anything is written
+  # (the lock file below included).
+  spec.format.validate(spec, raw_dir)
   with _builder.preparing_lock(builder):
     # Another process may have prepared it while this one waited for the lock: a builder made now reads
     # what it wrote (one made before the dataset existed describes an unprepared one).
     builder = _builder.make_builder(config, tfds_dir)
     if builder.is_prepared():
       return builder, False
-    # Reads both splits fully, raising the DataError that names a bad file before anything is written.
-    spec.format.validate(spec, raw_dir)
     logger.info("%s: preparing from %s (%s) into %s", spec.name, raw_dir, spec.format.description,
                 builder.data_dir)
     return builder, _builder.prepare(builder)
