@@ -134,6 +134,21 @@ def is_prepared(builder) -> bool:
   return all((builder.data_path / name).is_file() for name in ("dataset_info.json", "features.json"))
 
 
+def open_prepared(make):
+  """(builder, prepared): the builder `make()` returns, and whether its dataset is prepared.
+
+  A builder reads its dataset's info once, when it is made: one made just before another process finished
+  preparing the same dataset describes an unprepared one (no splits) although the files are now there.
+  Such a builder is made again, so a prepared dataset always comes with a builder that can read it.
+  """
+  builder = make()
+  if not is_prepared(builder):
+    return builder, False
+  if not builder.info.splits:
+    builder = make()
+  return builder, True
+
+
 @contextlib.contextmanager
 def progress_bars(enabled: bool | None = None):
   """tfds' progress bars on (True) or off (False) inside the block, restored after it; default on only

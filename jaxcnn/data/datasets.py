@@ -20,6 +20,7 @@ catalog needs missing) and which files to put where; nothing is written in that 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import logging
 import math
@@ -125,18 +126,18 @@ def _prepare_raw(spec: _specs.DatasetSpec, raw_dir: pathlib.Path, files, tfds_di
 
   shape = spec.format.image_shape(spec, files)
   config = _builder.make_config(spec.name, spec.format.name, raw_dir, files, shape, spec.class_names)
-  builder = _builder.make_builder(config, tfds_dir)
+  make = functools.partial(_builder.make_builder, config, tfds_dir)
+  builder, prepared = _builder.open_prepared(make)
   # The config is named by content digest: a prepared dataset of identical content needs no re-validation.
-  if builder.is_prepared():
+  if prepared:
     return builder, False
   # Reads both splits fully, raising the DataError that names a bad file before anything is written
   # (the lock file below included).
   spec.format.validate(spec, raw_dir)
   with _builder.preparing_lock(builder):
-    # Another process may have prepared it while this one waited for the lock: a builder made now reads
-    # what it wrote (one made before the dataset existed describes an unprepared one).
-    builder = _builder.make_builder(config, tfds_dir)
-    if builder.is_prepared():
+    # Another process may have prepared it while this one validated or waited for the lock.
+    builder, prepared = _builder.open_prepared(make)
+    if prepared:
       return builder, False
     logger.info("%s: preparing from %s (%s) into %s", spec.name, raw_dir, spec.format.description,
                 builder.data_dir)
@@ -198,11 +199,11 @@ def _catalog(spec: _specs.DatasetSpec, tfds_dir, download: bool, looked: list) -
 
   shown_dir = tfds_dir or "tfds' default data dir"
   try:
-    builder = tfds.builder(spec.catalog, data_dir=tfds_dir)
+    builder, prepared = _builder.open_prepared(functools.partial(tfds.builder, spec.catalog, data_dir=tfds_dir))
   except Exception as err:  # unknown to the catalog, or its code failed to load
     looked.append(f"tfds catalog: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
     return None
-  if _builder.is_prepared(builder):
+  if prepared:
     return Resolved(spec.name, "tfds", pathlib.Path(str(builder.data_dir)), builder, spec=spec)
   looked.append(f"tfds data dir {shown_dir}: not prepared")
   if not download:

@@ -143,6 +143,32 @@ def test_a_second_resolve_waits_for_one_preparing_the_same_dataset(tiny_idx, tmp
     np.testing.assert_array_equal(labels, splits[split][1])
 
 
+def test_a_builder_made_just_before_another_process_finished_is_made_again(tiny_idx, tmp_path, monkeypatch):
+  # The window two processes started together hit: this process makes its builder while the dataset is not
+  # there yet, another process finishes preparing it, and only then does this one look at the files. The
+  # builder it made describes an unprepared dataset (no splits); the one it returns must read the data.
+  raw, splits = tiny_idx
+  tfds_dir = tmp_path / "tfds"
+  original = builder.make_builder
+  made = []
+
+  def made_then_prepared_elsewhere(config, data_dir):
+    made.append(config.name)
+    stale = original(config, data_dir)
+    if len(made) == 1:
+      assert not stale.is_prepared() and not stale.info.splits
+      assert builder.prepare(original(config, data_dir))  # "the other process"
+    return stale
+
+  monkeypatch.setattr(builder, "make_builder", made_then_prepared_elsewhere)
+  resolved = resolve("tiny_digits", data_dir=raw, tfds_data_dir=tfds_dir, download=False)
+  for split in ("train", "test"):
+    images, labels = resolved.read(split)
+    np.testing.assert_array_equal(images[..., 0], splits[split][0])
+    np.testing.assert_array_equal(labels, splits[split][1])
+  assert not resolved.prepared_now and len(made) == 2
+
+
 _PREPARE_ONCE = """
 import sys
 from jaxcnn.data import resolve
