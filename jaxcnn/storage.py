@@ -29,6 +29,10 @@ _LOG = logging.getLogger(__name__)
 # OS errors that mean "this storage cannot take the write" (as opposed to a bug).
 STORAGE_ERRNOS = frozenset({errno_lib.ENOSPC, errno_lib.EDQUOT, errno_lib.EROFS, errno_lib.EACCES, errno_lib.EPERM,
                             errno_lib.EIO, errno_lib.EFBIG, errno_lib.ENOTDIR, errno_lib.EISDIR})
+# flock errors meaning "this filesystem cannot lock files" (NFS without a lock daemon, some FUSE and
+# network mounts), as opposed to a lock held by another process: the workdir lock and the dataset
+# preparation lock warn and go on unlocked.
+NO_LOCKING = frozenset({errno_lib.ENOLCK, errno_lib.EOPNOTSUPP, errno_lib.ENOSYS, errno_lib.EINVAL})
 _HINTS = {
     errno_lib.ENOSPC: "the disk is full: free space on it, or use another workdir",
     errno_lib.EDQUOT: "the disk quota is exhausted: free space, or use another workdir",

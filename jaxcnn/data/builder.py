@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-import errno
 import fcntl
 import io
 import logging
@@ -31,11 +30,10 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from jaxcnn.data import idx, specs
+from jaxcnn.storage import NO_LOCKING
 
 SPLITS = ("train", "test")
 _DIGEST_CHARS = 16
-# flock's errors where a filesystem cannot lock at all (as opposed to a lock held by another process).
-_NO_LOCKING = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 logger = logging.getLogger("jaxcnn.data")
 
 
@@ -230,7 +228,7 @@ def preparing_lock(builder: JaxcnnRaw):
                   builder.builder_config.dataset, path)
       fcntl.flock(fd, fcntl.LOCK_EX)
     except OSError as err:
-      if err.errno not in _NO_LOCKING:
+      if err.errno not in NO_LOCKING:
         raise
       logger.warning("%s: this filesystem cannot lock files (%s); preparing without protection against "
                      "another process preparing the same dataset at once", path, os.strerror(err.errno))

@@ -44,14 +44,12 @@ import uuid
 import warnings
 
 from jaxcnn.errors import ConfigError, StorageError, WorkdirBusyError
-from jaxcnn.storage import check_writable, storage_errors
+from jaxcnn.storage import NO_LOCKING, check_writable, storage_errors
 
 _LOG = logging.getLogger(__name__)
 
 LOCK_NAME = ".lock"
 _PROCESS_LOCK = ".lock.process-{}"
-
-_NO_LOCKING = frozenset({errno_lib.ENOLCK, errno_lib.EOPNOTSUPP, errno_lib.ENOSYS, errno_lib.EINVAL})
 
 
 # -- the lock ------------------------------------------------------------------------------------------
@@ -113,7 +111,7 @@ def _open_locked(path: pathlib.Path, workdir: pathlib.Path) -> tuple[int, bool]:
       os.close(fd)
       raise err from None
     except OSError as err:
-      if err.errno in _NO_LOCKING:
+      if err.errno in NO_LOCKING:
         warnings.warn(f"{path}: this filesystem cannot lock files ({os.strerror(err.errno)}); the workdir is "
                       "not protected against a second run using it at the same time", stacklevel=4)
         return fd, False
@@ -335,6 +333,10 @@ def workdir_lock(workdir, *, remove_if_unused: bool = False):
     try:
       files = _lock_job(workdir) if jax.process_count() > 1 else _lock_single(workdir, uuid.uuid4().hex)
     except BaseException:
+      if created and created[-1] == workdir:  # this call made the workdir: the lock files in it are its own
+        for lock_file in workdir.glob(LOCK_NAME + "*"):
+          with contextlib.suppress(OSError):
+            lock_file.unlink()
       for directory in reversed(created):  # a refused run leaves nothing it created
         with contextlib.suppress(OSError):
           directory.rmdir()

@@ -4,8 +4,10 @@ processes of one job share its lock and a second job is refused whichever of its
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
 import os
 import pathlib
 import re
@@ -23,6 +25,7 @@ from _train_models import make_data, make_model  # noqa: E402
 
 from jaxcnn import train  # noqa: E402
 from jaxcnn.errors import WorkdirBusyError  # noqa: E402
+from jaxcnn.storage import NO_LOCKING  # noqa: E402
 
 HOLD = HERE / "_rel_hold_lock.py"
 START_TIMEOUT_S = 240
@@ -250,3 +253,63 @@ def test_processes_of_a_job_that_do_not_share_the_workdir_are_refused(tmp_path):
     assert re.search(r"ERROR 2: multi-process: process 1 does not see the workdir lock "
                      r"\S+ that process 0 of its job took: the workdir must be one directory every process shares",
                      output), output
+
+
+def _flock_failing_with(errno_value):
+  """fcntl.flock as on a filesystem that answers every lock request with `errno_value`."""
+  def flock(fd, operation):
+    raise OSError(errno_value, os.strerror(errno_value))
+  return flock
+
+
+@pytest.mark.parametrize("errno_value", sorted(NO_LOCKING), ids=lambda e: errno.errorcode[e])
+def test_a_filesystem_that_cannot_lock_warns_and_runs_unprotected(tmp_path, monkeypatch, caplog, errno_value):
+  # NFS without a lock daemon, some FUSE mounts: the workdir lock and the dataset preparation lock each say
+  # once that nothing protects against a second run, and the work goes on.
+  from jaxcnn.data import builder as data_builder
+  from jaxcnn.train import workdir as workdir_lib
+
+  monkeypatch.setattr(workdir_lib.fcntl, "flock", _flock_failing_with(errno_value))
+  monkeypatch.setattr(data_builder.fcntl, "flock", _flock_failing_with(errno_value))
+  workdir = tmp_path / "run"
+  with pytest.warns(UserWarning, match=r"this filesystem cannot lock files .*the workdir is not protected against "
+                                       r"a second run using it at the same time"):
+    with workdir_lib.workdir_lock(workdir):
+      (workdir / "ran").write_text("yes")
+  assert (workdir / "ran").read_text() == "yes"
+
+  class Config:
+    dataset = "tiny_digits"
+
+  class Builder:
+    data_dir = tmp_path / "tfds" / "jaxcnn_raw" / "tiny_digits_0123" / "1.1.0"
+    builder_config = Config()
+
+  ran = []
+  with caplog.at_level(logging.WARNING, logger="jaxcnn.data"):
+    with data_builder.preparing_lock(Builder()):
+      ran.append(True)
+  assert ran == [True]
+  assert "this filesystem cannot lock files" in caplog.text
+  assert "preparing without protection against another process preparing the same dataset" in caplog.text
+
+
+def test_any_other_lock_error_is_raised_not_taken_for_a_filesystem_without_locks(tmp_path, monkeypatch):
+  from jaxcnn.data import builder as data_builder
+  from jaxcnn.train import workdir as workdir_lib
+
+  monkeypatch.setattr(workdir_lib.fcntl, "flock", _flock_failing_with(errno.EBADF))
+  monkeypatch.setattr(data_builder.fcntl, "flock", _flock_failing_with(errno.EBADF))
+  with pytest.raises(OSError) as raised:
+    with workdir_lib.workdir_lock(tmp_path / "run"):
+      pytest.fail("the body ran without the lock")
+  assert raised.value.errno == errno.EBADF
+  assert not (tmp_path / "run").exists()  # a refused run leaves nothing it created
+
+  class Builder:
+    data_dir = tmp_path / "tfds" / "jaxcnn_raw" / "tiny_digits_0123" / "1.1.0"
+
+  with pytest.raises(OSError) as raised:
+    with data_builder.preparing_lock(Builder()):
+      pytest.fail("the body ran without the lock")
+  assert raised.value.errno == errno.EBADF
