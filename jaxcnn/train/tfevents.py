@@ -123,7 +123,11 @@ class EventFileWriter:
         continue
     else:
       raise FileExistsError(f"{self.logdir}: 1000 event files named {name}* already exist")
-    self._file.write(encode_record(encode_event(now, file_version="brain.Event:2")))
+    try:
+      self._file.write(encode_record(encode_event(now, file_version="brain.Event:2")))
+    except BaseException:
+      self._file.close()  # no writer is returned to close it
+      raise
 
   def add_scalars(self, step: int, scalars: Mapping[str, float], wall_time: float | None = None) -> None:
     """One event at `step` holding every scalar {tag: value}."""

@@ -75,6 +75,26 @@ def test_writers_in_the_same_second_get_their_own_files(tmp_path):
   assert len({w.path for w in writers}) == 3 and len(list(tmp_path.iterdir())) == 3
 
 
+def test_a_writer_whose_first_record_fails_closes_its_file(tmp_path, monkeypatch):
+  # The file is opened, then its version record written: a failure there returns no writer to close it.
+  opened = []
+  real_open = open
+
+  def tracking_open(path, mode="r", *args, **kwargs):
+    handle = real_open(path, mode, *args, **kwargs)
+    opened.append(handle)
+    return handle
+
+  def failing_record(payload):
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(tfevents, "open", tracking_open, raising=False)
+  monkeypatch.setattr(tfevents, "encode_record", failing_record)
+  with pytest.raises(OSError, match="No space left on device"):
+    tfevents.EventFileWriter(tmp_path)
+  assert len(opened) == 1 and opened[0].closed
+
+
 @pytest.mark.oracle
 def test_the_tensorboard_callback_writes_each_epoch_as_one_event(tmp_path):
   callback = train.TensorBoard(tmp_path / "tb")
