@@ -139,28 +139,35 @@ class _FileLogger(Callback):
   def on_epoch_end(self, epoch: int, logs: dict, state) -> None:
     if jax.process_index() != 0:
       return
+    self.write(self.history)
+
+  def write(self, history: dict) -> None:
+    """Replaces the file with `history`, whole or not at all (even if the run is killed or the disk fills)."""
     from jaxcnn.storage import atomic_path
-    with atomic_path(self.path) as tmp:  # whole or absent, even if the run is killed or the disk fills up
-      self._write(tmp)
+    with atomic_path(self.path) as tmp:
+      self._write(tmp, history)
 
 
 class CSVLogger(_FileLogger):
   """Rewrites `path` after every epoch: a header, then one row per epoch of the whole history."""
 
-  def _write(self, path: pathlib.Path) -> None:
-    keys = list(self.history)
+  def _write(self, path: pathlib.Path, history: dict) -> None:
+    keys = list(history)
     with open(path, "w", newline="") as f:
       writer = csv.writer(f)
       writer.writerow(keys)
-      for row in zip(*(self.history[k] for k in keys)):
+      for row in zip(*(history[k] for k in keys)):
         writer.writerow(row)
 
 
 class JSONLogger(_FileLogger):
   """Rewrites `path` after every epoch with the whole history: {metric: [per-epoch values]}."""
 
-  def _write(self, path: pathlib.Path) -> None:
-    path.write_text(json.dumps(self.history, indent=1))
+  def _write(self, path: pathlib.Path, history: dict) -> None:
+    path.write_text(json.dumps(history, indent=1))
+
+
+FILE_LOGGERS = (CSVLogger, JSONLogger)
 
 
 class TensorBoard(Callback):

@@ -432,6 +432,24 @@ def _load_history(workdir: pathlib.Path | None, epochs_done: int) -> dict[str, l
   return {k: list(v)[:epochs_done] for k, v in saved.items()}
 
 
+def _trim_logs(callbacks, loop: "_Loop", last_good_step: int | None, first_epoch: int) -> None:
+  """After a failed write: history.json and metrics.csv cut back to the epochs the last committed
+  checkpoint holds, so that no file lists an epoch the workdir cannot resume from (the resume would cut
+  them back the same way). Best effort: on a disk that cannot take even the shorter file, it stays as it
+  was (the resume still trims it); a log with no committed epoch left is removed."""
+  if jax.process_index() != 0 or loop._start is None:
+    return
+  keep = (loop.epochs_at(last_good_step) if last_good_step is not None else first_epoch) - first_epoch
+  for cb in callbacks:
+    if not isinstance(cb, callbacks_lib.FILE_LOGGERS) or len(cb.history.get("epoch", [])) <= keep:
+      continue
+    with contextlib.suppress(StorageError, OSError):
+      if keep <= 0:
+        cb.path.unlink(missing_ok=True)
+      else:
+        cb.write({key: list(values)[:keep] for key, values in cb.history.items()})
+
+
 def _with_accuracy(loss: str) -> bool:
   return has_accuracy(loss)
 
@@ -545,6 +563,7 @@ def _train(model, config, data: _Data, strategy: Strategy, loop: "_Loop", state,
     raise
   except StorageError as err:
     last = loop.checkpointer.last_good_step if loop.checkpointer is not None else None
+    _trim_logs(callbacks, loop, last, first_epoch)
     where = (f"the last committed checkpoint, step {last}, is intact: the same command resumes from it"
              if last is not None else "no checkpoint was committed: the same command starts the run again")
     raise StorageError(f"{err}; {where}", errno=err.errno, filename=err.filename) from None
@@ -587,6 +606,13 @@ class _Loop:
     self.with_acc = _with_accuracy(config.loss)
     self.checkpointer: Checkpointer | None = None
     self.global_step = 0
+    self._start = None  # (epoch, epoch step, global step) where run() started
+
+  def epochs_at(self, step: int) -> int:
+    """The epochs completed (counting the state's earlier ones) at global step `step` of this run, or at
+    the step it resumed from."""
+    epoch, epoch_step, global_step = self._start
+    return epoch + (max(step - global_step, 0) + epoch_step) // self.steps_per_epoch
 
   def run(self, state, callbacks, workdir, first_epoch: int):
     """Trains from `state`'s position to the last epoch; returns (state, history, global step)."""
@@ -594,6 +620,7 @@ class _Loop:
     host = strategy.local_state(state)
     start_epoch, start_step = int(fetch(host.epoch)), int(fetch(host.epoch_step))
     self.global_step = int(fetch(host.step))
+    self._start = (start_epoch, start_step, self.global_step)
     history = _load_history(workdir, start_epoch - first_epoch)
     if start_epoch >= self.last_epoch:
       _LOG.info("the run in %s is already complete (epoch %d of %d): nothing to train", workdir, start_epoch,

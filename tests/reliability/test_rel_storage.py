@@ -101,6 +101,11 @@ def test_full_disk_at_each_write_site_is_one_line_keeps_the_committed_checkpoint
   checkpoint_steps = {int(p.split("/")[1]) for p in after if p.startswith("checkpoints/")}
   digest_steps = {int(p.split("/")[1][:-5]) for p in after if p.startswith("checkpoint_digests/")}
   assert digest_steps == checkpoint_steps  # no record of a step that was never committed, and vice versa
+  # No log lists an epoch beyond the last committed checkpoint (4 steps per epoch): the failure stops the run
+  # at its next write, and the epochs trained meanwhile are not what the workdir resumes from.
+  committed_epochs = max(checkpoint_steps) // 4
+  assert len(json.loads((workdir / "history.json").read_text())["epoch"]) == committed_epochs
+  assert len((workdir / "metrics.csv").read_text().splitlines()) == 1 + committed_epochs
   if site == "history":
     assert (workdir / "history.json").read_bytes() == finished["history.json"]  # the old file, whole
   if site == "metrics":
@@ -258,6 +263,9 @@ def test_command_on_a_tiny_tmpfs_says_the_disk_is_full_in_one_line_and_resumes_o
   assert err.count("\n") == 0 and "Traceback" not in read("1.out") + err, err
   assert err.startswith(f"error: {mnt / 'run'}") and f": {ENOSPC}; the disk is full" in err, err
   assert "summary.json" not in read("1.ls") and not read("1.tmp").strip(), (read("1.ls"), read("1.tmp"))
+  # Smaller than one checkpoint: nothing was committed, so no log lists an epoch the run cannot resume from.
+  assert "no checkpoint was committed" in err, err
+  assert not {"history.json", "metrics.csv"} & set(read("1.ls").split()), read("1.ls")
 
   # Read-only: refused before the data or the model are looked at.
   assert read("2.rc").strip() == "5", read("2.err")[-3000:]
