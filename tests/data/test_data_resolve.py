@@ -185,7 +185,9 @@ def test_processes_started_together_prepare_one_dataset_once(tiny_idx, tmp_path)
   procs = [subprocess.Popen([sys.executable, "-c", _PREPARE_ONCE, "tiny_digits", str(raw), str(tfds_dir)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
   outputs = [proc.communicate(timeout=300) for proc in procs]
-  assert [proc.returncode for proc in procs] == [0, 0, 0], [err[-3000:] for _, err in outputs]
+  assert [proc.returncode for proc in procs] == [0, 0, 0], "\n\n".join(  # each failed process: its stderr
+      f"process {i} (exit {proc.returncode}):\n{err[-3000:]}" for i, (proc, (_, err)) in enumerate(zip(procs, outputs))
+      if proc.returncode)
   assert sorted(out for out, _ in outputs) == ["False 60\n", "False 60\n", "True 60\n"], outputs
   assert len(list(tfds_dir.rglob("dataset_info.json"))) == 1
   assert not [p for p in tfds_dir.rglob("*") if "incomplete" in p.name]
